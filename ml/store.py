@@ -94,6 +94,20 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
+def load_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON ``meta`` of a :func:`save_tensors` file, without reading its tensors."""
+    from safetensors import safe_open
+
+    source = Path(path)
+    try:
+        # safe_open checks that the header covers the whole file, so a torn file fails here
+        with safe_open(str(source), framework="pt") as handle:
+            header = handle.metadata() or {}
+        return json.loads(header.get(_META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{source} is not a valid safetensors artifact ({exc})") from None
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A content hash of named tensors (names, dtypes, shapes and bytes), order-independent."""
     digest = hashlib.sha256()
@@ -102,7 +116,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(str(t.dtype).encode())
         digest.update(str(tuple(t.shape)).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-d tensor cannot be viewed as bytes of another element size
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -158,7 +173,7 @@ class EmbeddingCache:
             directory = self._dir(identity)
             for shard in sorted(directory.glob("shard-*.safetensors")) if directory.is_dir() else []:
                 try:
-                    _, meta = load_tensors(shard)
+                    meta = load_meta(shard)  # header only: indexing must not read every vector
                 except DataError:
                     continue  # a torn shard from a crash is ignored and recomputed
                 for row, key in enumerate(meta.get("keys", [])):
