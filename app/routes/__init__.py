@@ -1,0 +1,1 @@
+"""HTTP routes. Handlers are thin: parse, authorise, call a service, build the response."""

@@ -1,0 +1,166 @@
+"""Every route's expected status for anonymous, participant, researcher and admin.
+
+A route missing from ``MATRIX`` fails ``test_every_route_is_in_the_matrix``: adding a
+route means deciding, here, who may call it. State-changing routes are called with an
+empty body, so an allowed caller gets 422 (validation) and nothing changes, while a
+refused one gets 401/403 before the body is even looked at.
+"""
+
+import pytest
+from fastapi.routing import iter_route_contexts
+
+from app.models import Role
+from app.services import jobs
+from app.services import users as user_service
+from app.services.workspace_import import import_workspace
+
+from .history_helpers import register_model
+from .workspace_helpers import tiny_backbone, tiny_workspace  # noqa: F401
+
+ROLES = ("anonymous", "participant", "researcher", "admin")
+ALL_200 = (200, 200, 200, 200)
+SIGNED_IN = (401, 200, 200, 200)
+STAFF = (401, 403, 200, 200)
+ADMIN = (401, 403, 403, 200)
+_NO_FOLLOW = {"follow_redirects": False}
+PAGE_SIGNED_IN = (303, 200, 200, 200)
+PAGE_STAFF = (303, 403, 200, 200)
+PAGE_UNSERVED = (303, 403, 409, 409)
+PAGE_POST = (303, 403, 422, 422)  # an empty form: staff get the validation error page
+
+# (method, path template) -> (request builder, expected status per role in ROLES order)
+# A builder gets the ids made by the fixture and returns (url, kwargs for the request).
+MATRIX = {
+    ("GET", "/openapi.json"): (lambda ids: ("/openapi.json", {}), ALL_200),
+    ("GET", "/docs"): (lambda ids: ("/docs", {}), ALL_200),
+    ("GET", "/docs/oauth2-redirect"): (lambda ids: ("/docs/oauth2-redirect", {}), ALL_200),
+    ("GET", "/healthz"): (lambda ids: ("/healthz", {}), ALL_200),
+    ("GET", "/readyz"): (lambda ids: ("/readyz", {}), ALL_200),
+    ("GET", "/login/once"): (lambda ids: ("/login/once?token=not-a-link", {}), (401, 401, 401, 401)),
+    ("POST", "/api/v1/auth/login"): (lambda ids: ("/api/v1/auth/login", {"json": {}}), (422, 422, 422, 422)),
+    ("POST", "/api/v1/auth/logout"): (lambda ids: ("/api/v1/auth/logout", {}), SIGNED_IN),
+    # bearer requests have no browser session, hence no CSRF token to hand out
+    ("GET", "/api/v1/auth/session"): (lambda ids: ("/api/v1/auth/session", {}), (401, 401, 401, 401)),
+    ("GET", "/api/v1/users/me"): (lambda ids: ("/api/v1/users/me", {}), SIGNED_IN),
+    ("GET", "/api/v1/users"): (lambda ids: ("/api/v1/users", {}), ADMIN),
+    ("POST", "/api/v1/users"): (lambda ids: ("/api/v1/users", {"json": {}}), (401, 403, 403, 422)),
+    ("GET", "/api/v1/users/{user_id}"): (lambda ids: (f"/api/v1/users/{ids['user']}", {}), ADMIN),
+    ("PATCH", "/api/v1/users/{user_id}"): (lambda ids: (f"/api/v1/users/{ids['user']}", {"json": {}}), ADMIN),
+    ("GET", "/api/v1/tokens"): (lambda ids: ("/api/v1/tokens", {}), SIGNED_IN),
+    ("POST", "/api/v1/tokens"): (lambda ids: ("/api/v1/tokens", {"json": {}}), (401, 422, 422, 422)),
+    # someone else's token: not found for everyone signed in (no IDOR)
+    ("DELETE", "/api/v1/tokens/{token_id}"): (lambda ids: (f"/api/v1/tokens/{ids['token']}", {}), (401, 404, 404, 404)),
+    ("GET", "/api/v1/jobs"): (lambda ids: ("/api/v1/jobs", {}), SIGNED_IN),
+    # the admin's job: hidden from participants, visible to staff
+    ("GET", "/api/v1/jobs/{job_id}"): (lambda ids: (f"/api/v1/jobs/{ids['job']}", {}), (401, 404, 200, 200)),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): (lambda ids: (f"/api/v1/jobs/{ids['job']}/cancel", {}), (401, 404, 409, 409)),
+    ("GET", "/api/v1/models"): (lambda ids: ("/api/v1/models", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}"): (lambda ids: (f"/api/v1/models/{ids['model']}", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}/versions"): (lambda ids: (f"/api/v1/models/{ids['model']}/versions", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}/versions/{number}"): (
+        lambda ids: (f"/api/v1/models/{ids['model']}/versions/1", {}), STAFF),
+    ("POST", "/api/v1/models/{model_id}/edits"): (
+        lambda ids: (f"/api/v1/models/{ids['model']}/edits", {"json": {}}), (401, 403, 422, 422)),
+    ("POST", "/api/v1/models/{model_id}/undo"): (
+        lambda ids: (f"/api/v1/models/{ids['model']}/undo", {"json": {}}), (401, 403, 422, 422)),
+    ("POST", "/api/v1/models/{model_id}/revert"): (
+        lambda ids: (f"/api/v1/models/{ids['model']}/revert", {"json": {}}), (401, 403, 422, 422)),
+    ("GET", "/api/v1/models/{model_id}/diff"): (
+        lambda ids: (f"/api/v1/models/{ids['model']}/diff?from_version=1&to_version=1", {}), STAFF),
+    # inspecting a served model: "served" is imported from a workspace (ids["image"] is one of its images)
+    ("GET", "/api/v1/models/{model_id}/concepts"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/concepts?class=cat", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}/matrix"): (lambda ids: (f"/api/v1/models/{ids['served']}/matrix", {}), STAFF),
+    ("POST", "/api/v1/models/{model_id}/preview"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/preview", {"json": {}}), (401, 403, 422, 422)),
+    ("GET", "/api/v1/models/{model_id}/images"): (lambda ids: (f"/api/v1/models/{ids['served']}/images", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}/images/detail"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/images/detail?id={ids['image']}", {}), STAFF),
+    ("GET", "/api/v1/models/{model_id}/images/file"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/images/file?id={ids['image']}", {}), STAFF),
+    ("POST", "/api/v1/models/{model_id}/images/whatif"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/images/whatif", {"json": {}}), (401, 403, 422, 422)),
+    ("POST", "/api/v1/models/{model_id}/predict"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/predict", {}), (401, 403, 422, 422)),
+    # -- HTML pages (app/routes/pages). Signed-out visitors are sent to the login page (303);
+    # bearer requests need no CSRF token. "birds" is registered but not imported from a
+    # workspace, so pages that need the served model answer 409 (not servable) to staff.
+    ("GET", "/login"): (lambda ids: ("/login", _NO_FOLLOW), (200, 303, 303, 303)),
+    ("POST", "/login"): (lambda ids: ("/login", {"data": {}, **_NO_FOLLOW}), (403, 403, 403, 403)),
+    ("POST", "/logout"): (lambda ids: ("/logout", _NO_FOLLOW), (303, 303, 303, 303)),
+    ("GET", "/"): (lambda ids: ("/", _NO_FOLLOW), PAGE_SIGNED_IN),
+    ("GET", "/images"): (lambda ids: ("/images", _NO_FOLLOW), (303, 403, 303, 303)),
+    ("GET", "/concepts"): (lambda ids: ("/concepts", _NO_FOLLOW), (303, 403, 303, 303)),
+    ("GET", "/jobs"): (lambda ids: ("/jobs", _NO_FOLLOW), (303, 303, 303, 303)),
+    ("GET", "/jobs/{job}"): (lambda ids: (f"/jobs/{ids['job']}", _NO_FOLLOW), (303, 404, 200, 200)),
+    ("GET", "/jobs/{job}/progress"): (lambda ids: (f"/jobs/{ids['job']}/progress", _NO_FOLLOW), (303, 404, 200, 200)),
+    ("GET", "/models/{model}"): (lambda ids: ("/models/birds", _NO_FOLLOW), PAGE_UNSERVED),
+    ("GET", "/models/{model}/concepts"): (lambda ids: ("/models/birds/concepts", _NO_FOLLOW), PAGE_UNSERVED),
+    ("POST", "/models/{model}/preview"): (lambda ids: ("/models/birds/preview", _NO_FOLLOW), PAGE_POST),
+    ("POST", "/models/{model}/commit"): (lambda ids: ("/models/birds/commit", _NO_FOLLOW), PAGE_POST),
+    ("POST", "/models/{model}/undo"): (lambda ids: ("/models/birds/undo", _NO_FOLLOW), PAGE_POST),
+    ("GET", "/models/{model}/history"): (lambda ids: ("/models/birds/history", _NO_FOLLOW), PAGE_STAFF),
+    ("GET", "/models/{model}/diff"): (lambda ids: ("/models/birds/diff?a=1&b=1", _NO_FOLLOW), PAGE_STAFF),
+    ("POST", "/models/{model}/revert"): (lambda ids: ("/models/birds/revert", _NO_FOLLOW), PAGE_POST),
+    ("GET", "/models/{model}/images"): (lambda ids: ("/models/birds/images", _NO_FOLLOW), PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/grid"): (lambda ids: ("/models/birds/images/grid", _NO_FOLLOW), PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/view"): (lambda ids: ("/models/birds/images/view?id=a.png", _NO_FOLLOW),
+                                             PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/file"): (lambda ids: ("/models/birds/images/file?id=a.png", _NO_FOLLOW),
+                                             PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/overlay"): (lambda ids: ("/models/birds/images/overlay?id=a.png", _NO_FOLLOW),
+                                                PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/overlay.png"): (
+        lambda ids: ("/models/birds/images/overlay.png?id=a.png", _NO_FOLLOW), PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/whatif"): (
+        lambda ids: ("/models/birds/images/whatif?id=a.png&concept=water&score=1", _NO_FOLLOW), PAGE_UNSERVED),
+    ("GET", "/models/{model}/images/upload"): (lambda ids: ("/models/birds/images/upload", _NO_FOLLOW), PAGE_STAFF),
+    ("POST", "/models/{model}/images/upload"): (lambda ids: ("/models/birds/images/upload", _NO_FOLLOW),
+                                                (303, 403, 422, 422)),
+    ("GET", "/models/{model}/bank"): (lambda ids: ("/models/birds/bank", _NO_FOLLOW), PAGE_STAFF),
+}
+
+
+def app_routes(app) -> set[tuple[str, str]]:
+    routes = set()
+    for route in iter_route_contexts(app.routes):
+        for method in route.methods or ():
+            if method != "HEAD":
+                routes.add((method, route.path))
+    return routes
+
+
+def test_every_route_is_in_the_matrix(app):
+    routes = app_routes(app)
+    assert routes - set(MATRIX) == set(), "new routes: decide who may call them and add them to MATRIX"
+    assert set(MATRIX) - routes == set(), "MATRIX lists routes that no longer exist"
+
+
+@pytest.fixture
+def world(db, ctx, make_user, token_headers, tiny_workspace):
+    headers = {"anonymous": {}}
+    users = {}
+    for role in ROLES[1:]:
+        users[role] = make_user(Role(role))
+        headers[role] = token_headers(users[role])
+    owner = make_user(Role.ADMIN, name="owner")
+    token, _ = user_service.create_token(db, owner, "owner's")
+    job = jobs.create_job(db, "embed", user=owner)
+    jobs.request_cancel(db, job.id, user=owner)  # finished: cancelling again is a harmless 409
+    model = register_model(db, ctx.artifacts, author=owner)
+    served = import_workspace(db, ctx, tiny_workspace, author=owner)[0]
+    image = ctx.models.get(served).splits["test"].image_ids[0]
+    return headers, {"user": owner.id, "token": token.id, "job": job.id, "model": model.id, "served": served,
+                     "image": image}
+
+
+def test_every_route_answers_each_role_as_expected(client, world):
+    headers, ids = world
+    wrong = []
+    for (method, template), (build, expected) in MATRIX.items():
+        url, kwargs = build(ids)
+        for role, status in zip(ROLES, expected):
+            got = client.request(method, url, headers=headers[role], **kwargs).status_code
+            if got != status:
+                wrong.append(f"{method} {template} as {role}: {got}, expected {status}")
+    assert wrong == []
