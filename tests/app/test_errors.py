@@ -155,3 +155,15 @@ def test_openapi_documents_every_endpoint_with_models(client):
 
 def test_roles_are_plain_strings_in_responses(client, as_role):
     assert client.get("/api/v1/users/me", headers=as_role("participant")).json()["role"] == Role.PARTICIPANT.value
+
+
+def test_api_docs_load_only_vendored_assets(client):
+    """/docs must work offline: every script and stylesheet is served by the app itself."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text) + re.findall(r"url: '([^']+)'", page.text)
+    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
