@@ -33,7 +33,6 @@ PAGE_POST = (303, 403, 422, 422)  # an empty form: staff get the validation erro
 MATRIX = {
     ("GET", "/openapi.json"): (lambda ids: ("/openapi.json", {}), ALL_200),
     ("GET", "/docs"): (lambda ids: ("/docs", {}), ALL_200),
-    ("GET", "/docs/oauth2-redirect"): (lambda ids: ("/docs/oauth2-redirect", {}), ALL_200),
     ("GET", "/healthz"): (lambda ids: ("/healthz", {}), ALL_200),
     ("GET", "/readyz"): (lambda ids: ("/readyz", {}), ALL_200),
     ("GET", "/login/once"): (lambda ids: ("/login/once?token=not-a-link", {}), (401, 401, 401, 401)),
