@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from open_clip.modified_resnet import ModifiedResNet  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 from PIL import Image  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 
 from ml.errors import ConfigError, DataError, ShapeError  # noqa: E402
 from ml.store import file_sha256  # noqa: E402
@@ -195,7 +196,7 @@ class OpenClipBackbone:
             torch.manual_seed(seed)
             try:
                 self.model = open_clip.create_model(model_name, pretrained=kwargs.pop("pretrained", None), **kwargs)
-            except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as exc:  # a damaged checkpoint
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise DataError(f"cannot load weights for {model_name} ({weights_identity}): {first}") from None
         self.model.eval()
@@ -386,3 +387,8 @@ def _resnet_value(visual, images: torch.Tensor) -> torch.Tensor:
     pool = visual.attnpool
     tokens = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)
     return pool.c_proj(pool.v_proj(tokens)).reshape(n, h, w, -1)
+
+
+# The training-free dense-CLIP methods (clearclip, kk, csa, sclip) live with the concept maps;
+# importing them here keeps the registry the same whichever module is imported first.
+import ml.cam  # noqa: E402,F401  - registers into SPATIAL_METHODS (a cycle that is safe at the end)

@@ -144,7 +144,7 @@ def test_resnet_encodes_and_spatial_value_tokens(rn):
 
 
 def test_spatial_method_errors(vit, rn):
-    with pytest.raises(ConfigError, match="valid: maskclip, patch"):
+    with pytest.raises(ConfigError, match="valid: clearclip, csa, kk, maskclip, patch, sclip"):
         vit.spatial_tokens(_images(1, VIT_SIZE), "gradcam")
     with pytest.raises(ConfigError, match="valid: value"):
         rn.spatial_tokens(_images(1, RN_SIZE), "maskclip")

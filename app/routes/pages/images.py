@@ -16,6 +16,7 @@ from app.models import Model
 from app.routes.pages.common import PageRoute, StaffUser, find_model, is_htmx, render, render_fragment
 from app.routes.pages.model import service
 from app.services import inspect
+from app.services.maps import map_service
 from app.templating import PAGE_ROUTES, url
 from ml.errors import PCBMError
 
@@ -25,7 +26,7 @@ PER_PAGE = 48
 WATERFALL_TOP = 12
 THUMB_SIZES = (96, 160, 320, 640)
 OVERLAY_SIZE = 320
-MAPS_COMING = "Concept maps: coming. This shows the image itself until the concept-map service is in place."
+MAPS_UNAVAILABLE = "Concept maps are unavailable for this model ({reason}); this shows the image itself."
 
 Text = Annotated[str | None, Query(max_length=1024)]
 
@@ -122,10 +123,38 @@ def waterfall_chart(model: Model, detail: dict[str, Any]) -> Markup:
     if detail.get("residual") is not None:
         steps.append(("residual (not concepts)", detail["residual"]))
 
-    def href(concept: str) -> str:
-        return url("image", model=model.name, id=detail["image_id"], target=f"concept:{concept}")
+    def href(concept: str) -> str:  # the page with that concept's map, scrolled to the maps
+        return url("image", model=model.name, id=detail["image_id"], target=f"concept:{concept}") + "#maps-title"
 
     return plots.waterfall(steps, detail["bias"], detail["explained_class"], top=WATERFALL_TOP, concept_href=href)
+
+
+def _map_of(ctx: Any, model: Model, image_id: str, target: str) -> tuple[Any, Any, str, Any]:
+    """(map service, decoded image, kind, grid map) of ``target`` ("concept:x" | "class:y")."""
+    maps = map_service(service(ctx))
+    entry = maps.models.get(model.id)
+    image = maps.image(entry, image_id)  # a bad id fails here, before any fallback
+    kind, _, name = target.partition(":")
+    try:
+        result = maps.maps(entry, image, [name] if kind == "concept" else [], [name] if kind == "class" else [])
+    except (AppError, PCBMError) as exc:
+        return maps, image, kind, exc
+    return maps, image, kind, result
+
+
+def overlay_view(ctx: Any, model: Model, image_id: str, target: str, opacity: float) -> dict[str, Any]:
+    """_overlay.html's ``overlay``: the target, opacity, the colour scale and a note on the method."""
+    view: dict[str, Any] = {"target": target, "opacity": opacity}
+    maps, _, kind, result = _map_of(ctx, model, image_id, target)
+    if isinstance(result, Exception):
+        view["note"] = MAPS_UNAVAILABLE.format(reason=getattr(result, "message", None) or str(result))
+        return view
+    grid = result["maps"][0][2]
+    cmap, vmin, vmax, label = maps.scale(kind, grid, result["method"])
+    view["colorbar"] = plots.colorbar_svg(vmin, vmax, cmap, label)
+    view["note"] = (f"Map method: {result['method']}. " + ("Blue adds to the class, orange counts against it."
+                                                           if kind == "class" else "Brighter is more of the concept."))
+    return view
 
 
 @router.get(PAGE_ROUTES["image"], response_class=HTMLResponse)
@@ -147,6 +176,8 @@ def image(request: Request, model: str, user: StaffUser, session: SessionDep, ct
                 whatif = whatif_view(inspect.whatif(svc, found.id, id, concept, new_score))
         except AppError as exc:
             messages.append({"level": "error", "text": exc.message})
+    chosen = _target(target, concepts, classes, detail["predicted"])
+    overlay = overlay_view(ctx, found, detail["image_id"], chosen, _opacity(opacity))
     return render(request, "image.html", {
         "model": {"name": found.name, "version": detail["version"]},
         "image": {"id": detail["image_id"], "label": detail["label"], "split": detail["split"],
@@ -154,8 +185,7 @@ def image(request: Request, model: str, user: StaffUser, session: SessionDep, ct
                   "probabilities": [{"name": p["class_name"], "prob": p["probability"]} for p in detail["probabilities"]],
                   "concepts": [{"name": c["concept"], "score": c["score"]} for c in detail["concept_scores"]]},
         "waterfall_chart": waterfall_chart(found, detail),
-        "overlay": {"target": _target(target, concepts, classes, detail["predicted"]), "opacity": _opacity(opacity),
-                    "concepts": concepts, "classes": sorted(classes), "note": MAPS_COMING},
+        "overlay": {**overlay, "concepts": concepts, "classes": sorted(classes)},
         "whatif": whatif, "nav": "images",
     }, messages=messages)
 
@@ -181,15 +211,15 @@ def image_file(model: str, user: StaffUser, session: SessionDep, ctx: ContextDep
 def overlay(request: Request, model: str, user: StaffUser, session: SessionDep, ctx: ContextDep,
             id: Annotated[str, Query(min_length=1, max_length=1024)], target: Text = None,
             opacity: Text = None) -> Response:
-    """_overlay.html alone: the map the selector picked (for now the image, with a note)."""
+    """_overlay.html alone: the map the selector picked, with its colour scale."""
     found = find_model(session, model)
     detail = inspect.image_detail(service(ctx), found.id, id)
     concepts = [c["concept"] for c in detail["concept_scores"]]
     classes = [p["class_name"] for p in detail["probabilities"]]
+    chosen = _target(target, concepts, classes, detail["predicted"])
     return render_fragment(request, "_overlay.html", {
         "model": {"name": found.name}, "image": {"id": id},
-        "overlay": {"target": _target(target, concepts, classes, detail["predicted"]), "opacity": _opacity(opacity),
-                    "note": MAPS_COMING},
+        "overlay": overlay_view(ctx, found, id, chosen, _opacity(opacity)),
     })
 
 
@@ -197,10 +227,18 @@ def overlay(request: Request, model: str, user: StaffUser, session: SessionDep, 
 def overlay_png(model: str, user: StaffUser, session: SessionDep, ctx: ContextDep,
                 id: Annotated[str, Query(min_length=1, max_length=1024)], target: Text = None,
                 opacity: Text = None) -> Response:
-    """The concept map over the image as PNG. Until concept maps exist, the re-encoded image itself."""
+    """The concept or class map over the image as PNG; the image itself when maps are unavailable."""
     found = find_model(session, model)
-    data, media_type = inspect.image_file(service(ctx), found.id, id, max_side=OVERLAY_SIZE)
-    return _png(data, media_type, **{"X-Concept-Maps": "coming"})
+    detail = inspect.image_detail(service(ctx), found.id, id)
+    concepts = [c["concept"] for c in detail["concept_scores"]]
+    classes = [p["class_name"] for p in detail["probabilities"]]
+    chosen = _target(target, concepts, classes, detail["predicted"])
+    maps, image, kind, result = _map_of(ctx, found, id, chosen)
+    if isinstance(result, Exception):
+        data, media_type = inspect.image_file(service(ctx), found.id, id, max_side=OVERLAY_SIZE)
+        return _png(data, media_type, **{"X-Concept-Maps": "unavailable"})
+    data = maps.overlay_png(image, kind, result["maps"][0][2], _opacity(opacity), OVERLAY_SIZE, result["method"])
+    return _png(data, "image/png", **{"X-Concept-Maps": result["method"]})
 
 
 @router.get(PAGE_ROUTES["whatif"], response_class=HTMLResponse)
