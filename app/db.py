@@ -58,20 +58,30 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+# A request holds its session's connection from its first query to its end, and the server
+# runs up to 40 sync handlers at once (anyio's default thread limit) besides the job runner
+# and the model loader. SQLAlchemy's default pool (5 + 10 overflow) made the 16th concurrent
+# request wait 30 s and fail with a 500 (found by bench/load.py); now the pool covers every
+# worker, and a request that still cannot get a connection waits 10 s, then gets 503.
+POOL_OPTIONS = {"pool_size": 40, "max_overflow": 20, "pool_timeout": 10}
+
+
 def make_engine(database_url: str, *, sqlite_busy_timeout_ms: int = 15_000, echo: bool = False) -> Engine:
     """An engine for ``database_url``; SQLite gets WAL, a busy timeout, foreign keys and real transactions."""
     if database_url.startswith("sqlite"):
         database = make_url(database_url).database
-        if database and database != ":memory:":
+        in_memory = not database or database == ":memory:"
+        if not in_memory:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             database_url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms / 1000},
+            **({} if in_memory else POOL_OPTIONS),
         )
         _configure_sqlite(engine, sqlite_busy_timeout_ms)
         return engine
-    return create_engine(database_url, echo=echo, pool_pre_ping=True)
+    return create_engine(database_url, echo=echo, pool_pre_ping=True, **POOL_OPTIONS)
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

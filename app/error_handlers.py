@@ -13,8 +13,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 from app.errors import AppError
 from app.middleware import BodyTooLarge, too_large_error
@@ -67,7 +70,18 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
                           else f"invalid request: {first['msg']}", errors)
 
 
-def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route accepts at this path (Starlette's own 405 names only one route's)."""
+    path = get_route_path(request.scope)
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods)) or None
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     try:
@@ -75,8 +89,10 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     except ValueError:
         phrase = "error"
     message = exc.detail if isinstance(exc.detail, str) and exc.detail else phrase
-    return error_response(status, _HTTP_CODES.get(status, "http_error"), message, None,
-                          dict(exc.headers) if exc.headers else None)
+    headers = dict(exc.headers) if exc.headers else {}
+    if status == 405 and (allowed := _allowed_methods(request)):
+        headers["Allow"] = allowed
+    return error_response(status, _HTTP_CODES.get(status, "http_error"), message, None, headers or None)
 
 
 def _body_too_large(_request: Request, exc: Exception) -> JSONResponse:
@@ -88,6 +104,13 @@ def _database_error(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database error: %s", exc)
     return error_response(503, "database_unavailable", "the database is unavailable or busy; retry shortly",
                           None, {"Retry-After": "2"})
+
+
+def _out_of_range(_request: Request, exc: Exception) -> JSONResponse:
+    # A number the database cannot hold (SQLite: 64-bit integers) names no object and sets
+    # no value; without this the driver's OverflowError would be a 500.
+    log.info("number out of range: %s", exc)
+    return error_response(422, "out_of_range", "a number in the request is too large")
 
 
 def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -102,4 +125,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)  # every connection busy: overload, not a bug
+    app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(Exception, _unexpected)
