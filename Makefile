@@ -38,5 +38,22 @@ bench: setup
 bench-quick: setup
 	$(PY) -m bench.run_all --quick
 
+# Reliability and security (docs/reliability.md). `make test` runs the bounded versions of
+# these; the long modes below record their numbers in bench/results.json.
+.PHONY: fuzz-long crash-loop load audit
+
+fuzz-long: setup
+	FUZZ_MAX_TIME=$${FUZZ_MAX_TIME:-1200} FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-50} FUZZ_SAVE=1 \
+		$(PY) -m pytest -p no:cacheprovider -s tests/reliability/test_fuzz_api.py -k schemathesis $(PYTEST_ARGS)
+
+crash-loop: setup
+	$(PY) -m bench.crash_loop --iterations $${CRASH_ITERATIONS:-200}
+
+load: setup
+	$(PY) -m bench.load --users $${LOAD_USERS:-50} --duration $${LOAD_DURATION:-180}
+
+audit: setup
+	$(PY) scripts/pip_audit.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

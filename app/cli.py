@@ -7,6 +7,7 @@ input ends with one line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -207,6 +208,9 @@ def serve(
         engine, _ = _database(settings)  # refuse to start on an unmigrated or outdated database
         engine.dispose()
         web_app = create_app(settings)
+    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal under the
+    # handler it found: make that handler a clean exit (status 0), not death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(web_app, host=host, port=port, proxy_headers=proxy_headers,
                 forwarded_allow_ips=forwarded_allow_ips, log_level="info")
 
@@ -320,3 +324,149 @@ def _prepare_demo_server(settings: Settings, port: int) -> str:
     finally:
         engine.dispose()
     return f"http://127.0.0.1:{port}{path}"
+
+
+# -- user studies ---------------------------------------------------------------------------------
+
+study_app = typer.Typer(help="User studies: set one up, invite participants, close it, export everything.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _study(session, study_id: int):
+    from app.errors import NotFound
+    from app.models_studies import Study
+
+    study = session.get(Study, study_id)
+    if study is None:
+        raise NotFound(f"no study with id {study_id}")
+    return study
+
+
+@study_app.command("create")
+def study_create(
+    name: Annotated[str, typer.Argument(help="The study's name.")],
+    model: Annotated[str, typer.Option(help="Name of the base model (its current version is used).")],
+    task: Annotated[str, typer.Option(help="The task, as participants will read it.")],
+    owner: Annotated[str, typer.Option(help="The researcher (or admin) who owns the study.")],
+    condition: Annotated[Optional[list[str]], typer.Option(
+        help="A condition as 'name: tool, tool' (tools: weights, maps, preview, suggestions); repeat for more.",
+    )] = None,
+    visible_splits: Annotated[str, typer.Option(help="none, in_distribution or all.")] = "in_distribution",
+    target_split: Annotated[Optional[str], typer.Option(help="The held-out split (default: the shifted one).")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="Most prunes per participant.")] = None,
+    time_limit_min: Annotated[Optional[int], typer.Option(help="Minutes per participant.")] = None,
+    consent: Annotated[str, typer.Option(help="Consent text shown before joining.")] = "",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Create a study in draft (open it with `pcbm study open`)."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.errors import NotFound
+    from app.models import Model
+    from app.services import studies, users
+
+    with cli_errors():
+        engine, factory = _database(load_settings(workspace))
+        try:
+            with session_scope(factory) as session:
+                user = users.get_user_by_name(session, owner)
+                model_id = session.scalar(select(Model.id).where(Model.name == model))
+                if model_id is None:
+                    raise NotFound(f"no model named {model!r}")
+                conditions = studies.parse_conditions_text("\n".join(condition or [])) or None
+                study = studies.create_study(
+                    session, user, name=name, base_model_id=model_id, task=task, consent_text=consent,
+                    visible_splits=visible_splits, target_split=target_split, conditions=conditions,
+                    edit_budget=budget, time_limit_s=time_limit_min * 60 if time_limit_min else None)
+                typer.echo(f"created study {study.id} ({study.status.value}): {study.name!r} on {model} "
+                           f"v{study.base_version}, target split {study.target_split}")
+        finally:
+            engine.dispose()
+
+
+def _set_study_status(study_id: int, action: str, workspace: Optional[Path]) -> None:
+    from app.db import session_scope
+    from app.services import studies, users
+
+    with cli_errors():
+        engine, factory = _database(load_settings(workspace))
+        try:
+            with session_scope(factory) as session:
+                study = _study(session, study_id)
+                owner = users.get_user(session, study.owner_id)
+                change = studies.open_study if action == "open" else studies.close_study
+                typer.echo(f"study {study_id} is {change(session, owner, study_id).status.value}")
+        finally:
+            engine.dispose()
+
+
+@study_app.command("open")
+def study_open(study_id: Annotated[int, typer.Argument(help="The study's id.")],
+               workspace: WorkspaceOpt = None) -> None:
+    """Open a draft study: its invitations work from now on."""
+    _set_study_status(study_id, "open", workspace)
+
+
+@study_app.command("close")
+def study_close(study_id: Annotated[int, typer.Argument(help="The study's id.")],
+                workspace: WorkspaceOpt = None) -> None:
+    """Close a study: nothing changes in it any more."""
+    _set_study_status(study_id, "close", workspace)
+
+
+@study_app.command("invite")
+def study_invite(
+    study_id: Annotated[int, typer.Argument(help="The study's id.")],
+    count: Annotated[int, typer.Option(help="How many single-use links.")] = 1,
+    base_url: Annotated[str, typer.Option(help="Where the app is served.")] = "http://127.0.0.1:8000",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Print single-use invitation links, one per line (only their hashes are stored)."""
+    from app.db import session_scope
+    from app.services import studies, users
+
+    with cli_errors():
+        engine, factory = _database(load_settings(workspace))
+        try:
+            with session_scope(factory) as session:
+                study = _study(session, study_id)
+                owner = users.get_user(session, study.owner_id)
+                for code in studies.create_invitations(session, owner, study_id, count):
+                    typer.echo(base_url.rstrip("/") + studies.join_path(code))
+        finally:
+            engine.dispose()
+
+
+@study_app.command("export")
+def study_export(
+    study_id: Annotated[int, typer.Argument(help="The study's id.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csv, parquet or json.")] = "csv",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the files into.")] = Path("."),
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Export a study's events, participants, submissions, prunes and baselines (see docs/studies.md).
+
+    Export from a closed study to be sure no event is still on its way from a running server.
+    """
+    from app.db import session_scope
+    from app.services import study_export as exporter
+    from app.services.artifacts import ArtifactStore
+    from app.services.model_service import ModelService
+
+    with cli_errors():
+        exporter.check_format(format)
+        settings = load_settings(workspace)
+        engine, factory = _database(settings)
+        try:
+            artifacts = ArtifactStore(settings.artifacts_root)
+            with session_scope(factory) as session:
+                study = _study(session, study_id)
+                bundle = exporter.export_bundle(session, ModelService(settings, factory, artifacts), artifacts, study)
+            written = exporter.write_folder(bundle, format, out)
+        finally:
+            engine.dispose()
+        tables = bundle["tables"]
+        typer.echo(f"study {study_id}: {len(tables['events'])} events, {len(tables['participants'])} participants, "
+                   f"{len(tables['submissions'])} submissions -> " + ", ".join(str(p) for p in written))

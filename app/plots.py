@@ -539,3 +539,55 @@ def colorbar_svg(vmin: float, vmax: float, cmap: str = "viridis", label: str = "
                           fill=MUTED, font_size=10))
     body.append(_text(width / 2, 46, label, text_anchor="middle", fill=MUTED, font_size=10))
     return _svg(width, 52, f"Colour scale: {label} from {num(vmin, 2)} to {num(vmax, 2)}", body, "colorbar")
+
+
+# ---------------------------------------------------------------- study results
+def strip_plot(
+    groups: Sequence[tuple[str, Sequence[float]]],
+    title: str,
+    references: Sequence[tuple[str, float]] = (),
+    width: int = 640,
+) -> Markup:
+    """Accuracy of each participant as a dot, one row per condition, with each row's mean as a tick.
+
+    ``references`` are labelled vertical lines across every row (e.g. the base model and the
+    baselines). Values are fractions in [0, 1]; the axis runs from 0% to 100%.
+    """
+    rows = [(_clean(name), [_finite(v, f"a value of {name!r}") for v in values]) for name, values in groups]
+    marks = [(_clean(name), _finite(v, f"reference {name!r}")) for name, v in references]
+    row_h, top_y = 36, 40 + 16 * len(marks)
+    height = top_y + max(len(rows), 1) * row_h + 40
+    labels = [_clip(name, 24) for name, _ in rows]
+    label_w = min(width * 0.3, max((_text_width(lab, 12) for lab in labels), default=40) + 14)
+    scale = _Scale(0.0, 1.0, label_w + 8, width - 16)
+    bottom = top_y + max(len(rows), 1) * row_h
+    body = [_heading(title)]
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = scale(tick)
+        body.append(_el("line", x1=_n(x), x2=_n(x), y1=_n(top_y - 4), y2=_n(bottom), stroke=GRID))
+        body.append(_text(x, bottom + 16, pct(tick, 0), text_anchor="middle", fill=MUTED, font_size=10))
+    for i, (name, value) in enumerate(marks):
+        x = scale(min(1.0, max(0.0, value)))
+        colour = SERIES_COLOURS[(i + 1) % len(SERIES_COLOURS)]
+        dash = SERIES_DASHES[(i + 1) % len(SERIES_DASHES)]
+        line = _el("line", x1=_n(x), x2=_n(x), y1=_n(top_y - 4), y2=_n(bottom), stroke=colour, stroke_width="1.5",
+                   stroke_dasharray=dash)
+        label = _text(x, 32 + 16 * i, f"{_clip(name, 28)} {pct(value)}", text_anchor="middle", fill=colour,
+                      font_size=11)
+        body.append(_el("g", _tip(f"{name}: {pct(value)}") + line + label, class_="reference", data_name=name))
+    if not rows:
+        body.append(_text(width / 2, top_y + 20, "No submissions yet", text_anchor="middle", fill=MUTED))
+    for i, ((name, values), label) in enumerate(zip(rows, labels)):
+        y = top_y + i * row_h + row_h / 2
+        parts = [_text(label_w, y + 4, label, text_anchor="end")]
+        for j, value in enumerate(sorted(values)):
+            jitter = (j % 3 - 1) * 5  # equal values side by side stay visible
+            parts.append(_el("circle", _tip(f"{name}: {pct(value)}"), class_="dot", cx=_n(scale(value)),
+                             cy=_n(y + jitter), r="4.5", fill=POSITIVE, fill_opacity="0.75", stroke="#ffffff"))
+        if values:
+            centre = math.fsum(values) / len(values)
+            parts.append(_el("line", _tip(f"{name}: mean {pct(centre)} of {len(values)}"), class_="mean",
+                             x1=_n(scale(centre)), x2=_n(scale(centre)), y1=_n(y - 12), y2=_n(y + 12), stroke=INK,
+                             stroke_width="2.5"))
+        body.append(_el("g", "".join(parts), class_="row", data_name=name, data_n=str(len(values))))
+    return _svg(width, height, title, body, "strip")

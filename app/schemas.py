@@ -14,7 +14,10 @@ from app.models import JobStatus, ModelKind, Role
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a request body must match the published schema's JSON types (no `true` for an
+    # integer, no `0` for a boolean, no "1" for a number). Enum fields opt out with
+    # Field(strict=False): FastAPI validates parsed JSON, where an enum arrives as its string.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Out(BaseModel):
@@ -52,12 +55,12 @@ class ReadyPublic(BaseModel):
 
 class UserCreate(_In):
     name: str = Field(min_length=1, max_length=64, examples=["alice"])
-    role: Role
+    role: Role = Field(strict=False)
     password: str | None = Field(default=None, min_length=8, max_length=1024)
 
 
 class UserUpdate(_In):
-    role: Role | None = None
+    role: Role | None = Field(default=None, strict=False)
     password: str | None = Field(default=None, min_length=8, max_length=1024)
     is_active: bool | None = None
 

@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     overload_wait_s: float = Field(
         default=2.0, ge=0, description="How long a request waits for a free preview/inference slot before 503."
     )
+    predict_batch_window_ms: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="How long an image upload waits for others to share its backbone pass (micro-batching), in ms.",
+    )
+    predict_max_batch: int = Field(
+        default=32, gt=0, le=1024,
+        description="Uploads embedded in one backbone pass at most; 1 turns micro-batching off.",
+    )
+    predict_max_pending: int = Field(
+        default=256, gt=0,
+        description="Uploads queued for the backbone at most; further ones get 503 with `Retry-After` at once.",
+    )
     login_rate_limit: int = Field(
         default=5, gt=0, description="Failed logins allowed per user name and client IP within `login_rate_window_s`; then 429."
     )

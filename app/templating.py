@@ -44,12 +44,30 @@ PAGE_ROUTES: dict[str, str] = {
     "whatif": "/models/{model}/images/whatif",  # fragment _whatif.html, ?id=&concept=&score=
     "upload": "/models/{model}/images/upload",  # GET form, POST multipart field "image"
     "bank": "/models/{model}/bank",
+    "suggestions": "/models/{model}/suggestions",  # ?method=&target_split=&shots=&seed=&k=&metric=&split=&top=
+    "apply_suggestions": "/models/{model}/suggestions/apply",  # POST base_version, proposal (repeated) | only
     "images_index": "/images",  # nav entries without a model: redirect to the default model
     "concepts_index": "/concepts",
     "jobs": "/jobs",
     "job": "/jobs/{job}",
     "job_progress": "/jobs/{job}/progress",  # fragment _job_progress.html
-    "studies": "/studies",
+    "studies": "/studies",  # researchers: their studies; POST creates one. Participants: sent to "participate"
+    "study_new": "/studies/new",  # the form that creates a study
+    "study": "/studies/{study}",  # the dashboard (progress, results, invitations, export)
+    "study_status": "/studies/{study}/status",  # POST action=open|close
+    "study_invite": "/studies/{study}/invitations",  # POST count -> the dashboard with the new links, shown once
+    "study_join": "/join",  # GET ?code= the consent page; POST code, consent -> a participant session
+    "participate": "/participate",  # the participant's workspace
+    "participate_status": "/participate/status",  # fragment _study_status.html (timer, budget), polled
+    "participate_class": "/participate/class",  # fragment _study_concepts.html, ?class=
+    "participate_concept": "/participate/concept",  # fragment _study_concept.html, ?concept=
+    "participate_examples": "/participate/examples",  # fragment _study_examples.html, ?concept= (maps tool)
+    "participate_image": "/participate/image",  # ?id=&size=&concept= PNG of a shown split's image (maps tool)
+    "participate_suggestions": "/participate/suggestions",  # fragment _study_suggestions.html
+    "participate_preview": "/participate/preview",  # POST base_version, prunes (JSON), prune -> _study_preview.html
+    "participate_commit": "/participate/commit",  # POST base_version, prunes (JSON) | prune + class
+    "participate_undo": "/participate/undo",  # POST base_version
+    "participate_submit": "/participate/submit",  # POST version, confirm
 }
 
 MINUS = "\u2212"  # a real minus sign lines up with "+" in tables

@@ -24,6 +24,9 @@ MODULES = [
     "bench.bench_head",
     "bench.bench_cav",
     "bench.bench_edit_preview",
+    "bench.study_load",  # section "study_load": 30 participants on loopback, events sent vs stored
+    "bench.load",  # section "load": 50 researchers browse, preview and commit on loopback (20 s quick, 180 s)
+    "bench.throughput",  # section "throughput": embedding pipeline efficiency, micro-batched predict (~2.5 min quick)
 ]
 RESULTS = Path(__file__).resolve().parent / "results.json"
 

@@ -256,5 +256,97 @@ def edit(
     emit(as_json, result, table=table)
 
 
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+@cli.command()
+@friendly_errors
+def metrics(
+    workspace: WorkspaceOpt,
+    model: Annotated[str, typer.Option(help="Model name.")] = "pcbm",
+    split: Annotated[str, typer.Option(help="Split of the embedded dataset to measure on.")] = "test",
+    annotations: Annotated[Optional[Path], typer.Option(help="Annotation folder: attributes.csv, masks/, world.json (default: the dataset's folder).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Concept-map method, e.g. 'maskclip+softmax' (default: the architecture's).")] = None,
+    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
+    top_l: Annotated[int, typer.Option("--l", min=1, help="How many top concepts CEM@l and CLM@l look at.")] = 5,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of a map's pixels that counts as where it points (CLM).")] = 0.2,
+    iou_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Threshold on the min-max normalised map for mask IoU.")] = 0.5,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images of the split.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Concept metrics on an annotated split: pointing game, existence (CEM@l), location (CLM@l), CGIM."""
+    from ml import metrics_workflow
+
+    progress, update = progress_bar("concept maps", enabled=not as_json)
+    with progress:
+        result = metrics_workflow.metrics(
+            workspace, model, split=split, annotations_dir=annotations, method=method, embeddings_name=embeddings,
+            l=top_l, alpha=alpha, iou_threshold=iou_threshold, batch_size=batch_size, limit=limit, progress=update)
+    pointing = result["pointing_game"]
+    lines = [
+        f"model '{model}' on {result['n_images']} {split} images, maps by '{result['method']}' "
+        f"({result['seconds']['total']:.1f}s)",
+        f"pointing game: object {_fmt(pointing['object'])} (chance {_fmt(pointing['chance']['object'])}), "
+        f"background {_fmt(pointing['background'])} (chance {_fmt(pointing['chance']['background'])})",
+        f"CEM@{top_l} {_fmt(result['cem'])}   CLM@{top_l} {_fmt(result['clm'])} (alpha {alpha})   "
+        + "   ".join(f"CGIM[{k}] {_fmt(v)}" for k, v in result["cgim"].items()),
+    ]
+    table = Table(title="per concept")
+    for column in ("concept", "kind", "pointing", "mass / area", "existence", "location", "max |weight|"):
+        table.add_column(column, justify="left" if column in ("concept", "kind") else "right")
+    for name, row in result["per_concept"].items():
+        ratio = f"{_fmt(row['mass_in_mask'], 2)} / {_fmt(row['area'], 2)}"
+        table.add_row(name, row["kind"] or "-", _fmt(row["pointing_game"]), ratio, _fmt(row["existence"]),
+                      _fmt(row["location"]), _fmt(row["max_abs_weight"]))
+    emit(as_json, result, table=table, lines=lines)
+
+
 def main() -> None:  # pragma: no cover - thin entry point when ml is used without the app
     cli()
+
+
+@cli.command()
+@friendly_errors
+def suggest(
+    workspace: WorkspaceOpt,
+    method: Annotated[str, typer.Option(help="tfti (few-shot adaptation), greedy (prune search), spurious (group-explained concepts) or concept (add a typed concept).")],
+    model: Annotated[str, typer.Option(help="Model to make proposals for (never modified).")] = "pcbm",
+    target_split: Annotated[str, typer.Option(help="Labelled split to adapt to (tfti) or to maximise the metric on (greedy).")] = "test_shifted",
+    source_split: Annotated[str, typer.Option(help="The split the model was trained on (tfti statistics; the new concept's column).")] = "train",
+    shots: Annotated[int, typer.Option(min=1, help="tfti: labelled target images per class, drawn with --seed.")] = 4,
+    k: Annotated[int, typer.Option(min=1, help="greedy: at most this many prunes.")] = 5,
+    metric: Annotated[str, typer.Option(help="greedy: accuracy, worst_group or balanced_accuracy.")] = "accuracy",
+    per_class: Annotated[bool, typer.Option("--per-class", help="greedy: also try pruning one class's weight.")] = False,
+    split: Annotated[Optional[str], typer.Option(help="spurious: the split with group labels to rank on (default: every split pooled).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="spurious: propose pruning this many top-ranked concepts.")] = 5,
+    phrase: Annotated[Optional[str], typer.Option(help="concept: the phrase of the concept to add.")] = None,
+    seed: Annotated[int, typer.Option(help="tfti: seed of the shot sample.")] = 0,
+    max_source_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="tfti: refuse edits that lower source-split accuracy by more than this (1 = no budget).")] = 0.015,
+    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset (default: the workspace's only one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Suggest edits from data, each previewed on every split; nothing is saved."""
+    from ml import suggest_workflow
+
+    result = suggest_workflow.suggest(
+        workspace, model, method, embeddings_name=embeddings, target_split=target_split, source_split=source_split,
+        shots=shots, k=k, metric=metric, seed=seed, per_class=per_class, split=split, top=top, phrase=phrase,
+        max_source_drop=max_source_drop)
+    found = list(result["combined"]["preview"]) or (list(result["proposals"][0]["preview"]) if result["proposals"] else [])
+    splits = [s for s in ("train", "val", "test") if s in found] + [s for s in found if s not in ("train", "val", "test")]
+    table = Table(title=f"{method} proposals for '{model}' (accuracy change per split)")
+    table.add_column("#", justify="right")
+    table.add_column("proposal")
+    for name in splits:
+        table.add_column(name, justify="right")
+    rows = [(str(p["id"]), p["title"], p["preview"]) for p in result["proposals"]]
+    if len(result["proposals"]) > 1 and result["combined"]["preview"]:
+        rows.append(("all", "every proposal together" if method != "greedy" else "the whole greedy path",
+                     result["combined"]["preview"]))
+    for number, title, preview in rows:
+        table.add_row(number, title, *(f"{preview[s]['accuracy']['before']:.3f}→{preview[s]['accuracy']['after']:.3f}"
+                                       for s in splits))
+    lines = [] if result["proposals"] else [f"{method}: no proposals for model '{model}'"]
+    emit(as_json, result, table=table if result["proposals"] else None, lines=lines)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -420,12 +423,22 @@ def whatif(svc: ModelService, model_id: int, image_id: str, concept: str, score:
                               for i in order]}
 
 
+# Markup that would run if these bytes were ever rendered as a page (GIF/HTML and similar
+# polyglots decode as valid images). Each pattern is specific enough that compressed pixels
+# match it by chance less than once per 10**6 MB (the shortest: "<html" or "<body" plus a
+# delimiter); a polyglot always does.
+_MARKUP = re.compile(rb"<(?:script|iframe|object|embed|html|body)[\s/>]|<!doctype\s+html|http://www\.w3\.org/2000/svg"
+                     rb"|javascript:|\bon(?:error|load)\s*=", re.IGNORECASE)
+
+
 def _decode_upload(data: bytes, max_pixels: int) -> Any:
     """Decode uploaded bytes; errors carry fixed messages, so no uploaded byte is ever echoed."""
     from ml.data import IMAGE_FORMATS, open_image
 
     if not data:
         raise BadImage("the upload is empty")
+    if _MARKUP.search(bytes(data)):  # a GIF/HTML (or PNG/HTML ...) polyglot: valid pixels, live markup
+        raise UnsupportedImage("the upload carries HTML or script markup; only plain images are accepted")
     try:
         return open_image(bytes(data), max_pixels=max_pixels)
     except DataError as exc:
@@ -437,18 +450,37 @@ def _decode_upload(data: bytes, max_pixels: int) -> Any:
     raise BadImage("the image is damaged or truncated and cannot be decoded")
 
 
-def predict_upload(svc: ModelService, model_id: int, data: bytes, top: int = 10) -> dict[str, Any]:
-    """Classify an uploaded image: prediction, probabilities and the top concept contributions.
+@dataclass(frozen=True)
+class PendingPrediction:
+    """An upload decoded, checked and queued for its backbone (see :func:`submit_upload`)."""
 
-    The bytes are decoded with the format allow-list and pixel limit, embedded by the model's
-    backbone under the inference limit (503 when saturated) and never stored or echoed.
-    """
+    entry: LoadedModel
+    width: int
+    height: int
+    top: int
+    embedding: Future | None  # resolves to the (1, d) embedding, computed in a micro-batch
+
+
+def _upload(svc: ModelService, model_id: int, data: bytes, top: int) -> tuple[LoadedModel, Any]:
     if top < 1:
         raise InvalidInput("top must be at least 1")
     entry = svc.get(model_id)
-    image = _decode_upload(data, svc.settings.max_image_pixels)
-    width, height = image.size
-    embedding = svc.embed_image(entry, image)
+    return entry, _decode_upload(data, svc.settings.max_image_pixels)
+
+
+def submit_upload(svc: ModelService, model_id: int, data: bytes, top: int = 10) -> PendingPrediction:
+    """Decode an upload (format allow-list, pixel limit) and queue it for the model's backbone.
+
+    Runs in a worker thread (database read, decoding, preprocessing); the forward pass runs
+    in a micro-batch on the batcher's thread (503 with Retry-After when its queue is full).
+    """
+    entry, image = _upload(svc, model_id, data, top)
+    return PendingPrediction(entry, image.width, image.height, top, svc.submit_image(entry, image))
+
+
+def finish_upload(pending: PendingPrediction, embedding: torch.Tensor) -> dict[str, Any]:
+    """Prediction, probabilities and the top concept contributions of an embedded upload."""
+    entry = pending.entry
     model = entry.model
     with torch.no_grad():
         z = model.head.transform(model.bank.project(embedding))[0]
@@ -458,8 +490,22 @@ def predict_upload(svc: ModelService, model_id: int, data: bytes, top: int = 10)
             logits = logits + residual
     prediction = _prediction(entry, logits)
     k = entry.classes.index(prediction["predicted"])
-    return {"model_id": entry.model_id, "version": entry.version, "width": width, "height": height, **prediction,
-            "concept_scores": _concept_scores(entry, z), **_explanation(entry, z, logits, residual, k, top=top)}
+    return {"model_id": entry.model_id, "version": entry.version, "width": pending.width, "height": pending.height,
+            **prediction, "concept_scores": _concept_scores(entry, z),
+            **_explanation(entry, z, logits, residual, k, top=pending.top)}
+
+
+def predict_upload(svc: ModelService, model_id: int, data: bytes, top: int = 10) -> dict[str, Any]:
+    """Classify an uploaded image: prediction, probabilities and the top concept contributions.
+
+    The bytes are decoded with the format allow-list and pixel limit, embedded by the model's
+    backbone in a micro-batch with other uploads (503 when the queue is full) and never
+    stored or echoed. Blocks until the batch ran: call it from a worker thread; the API
+    route awaits :func:`submit_upload`'s future instead.
+    """
+    entry, image = _upload(svc, model_id, data, top)
+    embedding = svc.embed_image(entry, image)
+    return finish_upload(PendingPrediction(entry, image.width, image.height, top, None), embedding)
 
 
 # -- the home page ---------------------------------------------------------------------------
@@ -496,6 +542,6 @@ def model_summary(svc: ModelService, session: Session, model_id: int) -> dict[st
     }
 
 
-__all__ = ["SORTS", "BadImage", "UnsupportedImage", "browse_images", "concept_weights", "edit_metrics",
-           "head_matrix", "image_detail", "image_file", "model_id_by_name", "model_summary", "predict_upload",
-           "preview", "whatif"]
+__all__ = ["SORTS", "BadImage", "PendingPrediction", "UnsupportedImage", "browse_images", "concept_weights",
+           "edit_metrics", "finish_upload", "head_matrix", "image_detail", "image_file", "model_id_by_name",
+           "model_summary", "predict_upload", "preview", "submit_upload", "whatif"]

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from app.errors import AppError, Conflict
 from app.models import Backbone, Dataset, Model, ModelVersion
 from app.services import history
 from app.services.artifacts import ArtifactStore
+from app.services.batcher import MicroBatcher
 from app.services.head_editing import EditOutcome, HeadState, ModelInfo, TensorHeadEditor
 from app.services.limits import ConcurrencyLimit
 from app.services.ml_editing import MlHeadEditor
@@ -196,6 +198,11 @@ class ModelService:
         self._banks: dict[tuple[int, str], Any] = {}  # (model id, file hash) -> ConceptBank, for the editor
         self._lock = threading.RLock()
         self._key_locks: dict[tuple[str, Any], threading.Lock] = {}
+        # Uploads of every model sharing a backbone go through one forward pass per batch,
+        # on the batcher's worker thread (see submit_image).
+        self.batcher = MicroBatcher(self._embed_batch, window_s=settings.predict_batch_window_ms / 1000,
+                                    max_batch=settings.predict_max_batch, max_pending=settings.predict_max_pending,
+                                    name="inference batcher")
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @contextmanager
@@ -467,18 +474,43 @@ class ModelService:
                 self._put(key, found, size)
             return found
 
-    def embed_image(self, entry: LoadedModel, image: Any) -> torch.Tensor:
-        """Embed one decoded image for ``entry``'s model, (1, d) on the CPU.
+    def submit_image(self, entry: LoadedModel, image: Any) -> Future:
+        """Queue one decoded image for ``entry``'s backbone; the future resolves to its (1, d) embedding.
 
-        Runs under the inference limit (503 with Retry-After when every slot is busy); call
-        it from a worker thread, never on the event loop (sync routes already are).
+        Preprocessing runs here, in the caller's thread, so it overlaps the batch in flight.
+        The forward pass runs on the micro-batcher's worker thread together with other
+        uploads for the same backbone, under the inference limit; a full queue is 503 with
+        ``Retry-After`` at once.
         """
-        from ml.embed import embed_images
+        backbone = self.backbone(entry.backbone_spec)
+        if entry.backbone_identity and backbone.identity != entry.backbone_identity:
+            raise NotServable(f"backbone {entry.backbone_spec!r} is not the one model {entry.name!r} was built "
+                              "with (its weights or preprocessing changed)")
+        pixels = backbone.preprocess(image)
+        return self.batcher.submit((entry.backbone_spec, backbone.identity), pixels)
 
+    def embed_image(self, entry: LoadedModel, image: Any) -> torch.Tensor:
+        """Embed one decoded image for ``entry``'s model, (1, d) on the CPU (blocks until its batch ran).
+
+        Call it from a worker thread, never on the event loop; async code awaits
+        :meth:`submit_image`'s future instead.
+        """
+        return self.submit_image(entry, image).result()
+
+    def _embed_batch(self, key: tuple[str, str], pixels: list[torch.Tensor]) -> list[Any]:
+        """The batcher's work: one forward pass for queued uploads of one backbone."""
+        from ml.embed import embed_pixels
+        from ml.errors import DataError
+
+        spec, identity = key
         with self.inference_limit.slot():
-            backbone = self.backbone(entry.backbone_spec)
-            if entry.backbone_identity and backbone.identity != entry.backbone_identity:
-                raise NotServable(f"backbone {entry.backbone_spec!r} is not the one model {entry.name!r} was built "
-                                  "with (its weights or preprocessing changed)")
+            backbone = self.backbone(spec)
+            if backbone.identity != identity:  # reloaded with other files since the upload was queued
+                return [NotServable(f"backbone {spec!r} changed while the upload waited; send it again")
+                        for _ in pixels]
             with torch.no_grad():
-                return embed_images(backbone, [image]).to("cpu", torch.float32)
+                embeddings = embed_pixels(backbone, torch.stack(pixels), check=False).to("cpu", torch.float32)
+        finite = torch.isfinite(embeddings).all(dim=1).tolist()  # one bad image fails its own request only
+        return [row.unsqueeze(0) if ok else DataError("the backbone produced NaN/Inf embeddings for this image")
+                for row, ok in zip(embeddings, finite, strict=True)]
+

@@ -33,6 +33,8 @@ PATTERNS = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = ("water", "grass", "sand", "snow", "rock")
 SIZE_RADIUS = {"small": (10.0, 13.0), "large": (16.0, 21.0)}
 MAX_SHIFT = 9.0  # pixels (at 64px) the object's centre may move from the image centre
+BG_CONTRAST = 0.5
+RIM_DARKENING = 0.85
 MAX_TILT = 0.35  # radians; objects stand roughly upright, as most photographed objects do
 
 
@@ -193,6 +195,10 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 64) -> tupl
     scale = size / 64.0
     yy, xx = _grid(size)
     img = background_texture(scene.background, rng, size)
+    # Grounds keep their colour and grain but at low contrast, as an out-of-focus ground
+    # behind an object would: strong texture edges drown the object's outline otherwise.
+    mean = img.mean(axis=(0, 1), keepdims=True)
+    img = mean + BG_CONTRAST * (img - mean)
 
     lo, hi = SIZE_RADIUS[scene.size]
     radius = rng.uniform(lo, hi) * scale
@@ -216,7 +222,7 @@ def render_scene(scene: Scene, rng: np.random.Generator, size: int = 64) -> tupl
     obj = obj * np.clip(shading, 0.6, 1.3)[..., None] * (1.0 + 0.06 * fractal_noise(rng, size, (6, 12)))[..., None]
     # A darker rim along the contour, like the shading at a real object's edge.
     rim = np.clip(1.3 - np.abs(sdf + 1.2), 0.0, 1.0)
-    obj = obj * (1.0 - 0.6 * rim)[..., None]
+    obj = obj * (1.0 - RIM_DARKENING * rim)[..., None]
     img = _mix(img, obj, alpha)
 
     visible = alpha > 0.5

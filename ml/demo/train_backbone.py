@@ -16,6 +16,8 @@ Three objectives:
   concepts on a small ViT, and concept maps point at the wrong region;
 * a smaller per-group concept contrast on the pooled embedding (:func:`group_loss`).
 
+The patch embedding starts from PCA-whitened patches (:func:`pca_patch_init`).
+
 Loss = clip + 0.5 * dense + 0.5 * group; the CLIP loss stays the main objective.
 
 The checkpoint is written in open_clip's local-dir format, weights in fp16.
@@ -33,7 +35,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ml.demo.captions import make_caption
 from ml.demo.world import GROUPS, WorldConfig, concept_vocabulary, generate_split, pretrain_config
@@ -95,6 +97,27 @@ def build_model(model_cfg: dict, seed: int) -> torch.nn.Module:
     return open_clip.model.CLIP(**json.loads(json.dumps(model_cfg)))
 
 
+@torch.no_grad()
+def pca_patch_init(model: torch.nn.Module, images_uint8: torch.Tensor) -> None:
+    """Start the patch embedding as PCA-whitened image patches of the training data.
+
+    A ViT from scratch learns colour and ground in a few dozen steps but object outlines
+    only after many thousands of images; a whitened patch basis (edges and colour
+    opponents at equal variance, the classic data-dependent init) shortens that a lot.
+    """
+    conv = model.visual.conv1
+    out_ch, in_ch, ph, pw = conv.weight.shape
+    x = to_input(images_uint8)
+    patches = x.unfold(2, ph, ph).unfold(3, pw, pw).permute(0, 2, 3, 1, 4, 5).reshape(-1, in_ch * ph * pw)
+    patches = patches - patches.mean(0)
+    eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
+    keep = min(out_ch, eigval.numel())
+    eigval, eigvec = eigval.flip(0)[:keep], eigvec.flip(1)[:, :keep]
+    weight = torch.zeros(out_ch, in_ch * ph * pw)
+    weight[:keep] = (eigvec / torch.sqrt(eigval + 0.1 * eigval.mean())).T
+    conv.weight.copy_(weight.reshape(conv.weight.shape))
+
+
 def _patch_fractions(masks: np.ndarray, patch: int) -> np.ndarray:
     n, h, w = masks.shape
     return masks.reshape(n, h // patch, patch, w // patch, patch).mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
@@ -153,7 +176,7 @@ def group_loss(features: torch.Tensor, concept_txt: torch.Tensor, attributes: to
 def train(out_dir: str | Path, steps: int = 700, seed: int = 0, batch_size: int = 256, lr: float = 1e-3,
           pool_size: int = 40000, dense_weight: float = 0.5, group_weight: float = 0.5,
           model_cfg: dict | None = None, world: WorldConfig | None = None, log_every: int = 25,
-          save_every: int = 0, log=print) -> dict:
+          save_every: int = 0, init: str | Path | None = None, log=print) -> dict:
     """Train and save a local-dir checkpoint in ``out_dir``; returns a summary with the loss history."""
     if steps < 1 or batch_size < 2 or pool_size < batch_size:
         raise ConfigError("need steps >= 1, batch_size >= 2 and pool_size >= batch_size")
@@ -177,6 +200,11 @@ def train(out_dir: str | Path, steps: int = 700, seed: int = 0, batch_size: int 
     log(f"rendered {pool_size} pretraining images in {time.time() - started:.0f}s")
 
     model = build_model(model_cfg, seed)
+    if init is not None:  # continue from an earlier run (a fresh optimiser and schedule)
+        state = load_file(str(Path(init) / "open_clip_model.safetensors"))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    else:
+        pca_patch_init(model, images[: min(2000, pool_size)])
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     captions = CaptionBatcher(world, tokenizer, seed)
     phrase_tokens = [tokenizer(list(c.phrases)) for c in concepts]
@@ -223,7 +251,7 @@ def train(out_dir: str | Path, steps: int = 700, seed: int = 0, batch_size: int 
             save_checkpoint(model, Path(out_dir) / f"step{step}", model_cfg, {"steps": step, "seed": seed})
     wall = time.time() - started
     meta = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "pool_size": pool_size,
-            "dense_weight": dense_weight, "group_weight": group_weight, "wall_seconds": round(wall, 1), "pretrain_world": world.to_dict(),
+            "dense_weight": dense_weight, "group_weight": group_weight, "init": None if init is None else str(init), "wall_seconds": round(wall, 1), "pretrain_world": world.to_dict(),
             "final_clip_loss": float(np.mean([h[0] for h in history[-log_every:]])),
             "final_dense_loss": float(np.mean([h[1] for h in history[-log_every:]])),
             "final_group_loss": float(np.mean([h[2] for h in history[-log_every:]]))}
@@ -262,13 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-weight", type=float, default=0.5)
     parser.add_argument("--group-weight", type=float, default=0.5)
     parser.add_argument("--save-every", type=int, default=0, help="also save step<N>/ checkpoints")
+    parser.add_argument("--init", default=None, help="continue from this checkpoint directory")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     summary = train(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                     pool_size=args.pool_size, dense_weight=args.dense_weight,
-                    group_weight=args.group_weight, save_every=args.save_every, log=lambda m: print(m, flush=True))
+                    group_weight=args.group_weight, save_every=args.save_every, init=args.init, log=lambda m: print(m, flush=True))
     model, _, _ = load_checkpoint(args.out)
     print(f"saved and reloaded {args.out} ({sum(p.numel() for p in model.parameters())} parameters, "
           f"{summary['wall_seconds']:.0f}s)", flush=True)

@@ -15,6 +15,7 @@ from app.services import users as user_service
 from app.services.workspace_import import import_workspace
 
 from .history_helpers import register_model
+from .study_helpers import matrix_studies
 from .workspace_helpers import tiny_backbone, tiny_workspace  # noqa: F401
 
 ROLES = ("anonymous", "participant", "researcher", "admin")
@@ -81,6 +82,15 @@ MATRIX = {
         lambda ids: (f"/api/v1/models/{ids['served']}/images/whatif", {"json": {}}), (401, 403, 422, 422)),
     ("POST", "/api/v1/models/{model_id}/predict"): (
         lambda ids: (f"/api/v1/models/{ids['served']}/predict", {}), (401, 403, 422, 422)),
+    # concept maps and metrics (the tiny workspace has no annotations: metrics say "unavailable", 200)
+    ("GET", "/api/v1/models/{model_id}/images/maps"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/images/maps?id={ids['image']}&concepts=water", {}), STAFF),
+    ("POST", "/api/v1/models/{model_id}/maps"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/maps?concepts=water", {}), (401, 403, 422, 422)),
+    ("GET", "/api/v1/models/{model_id}/concept-metrics"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/concept-metrics", {}), STAFF),
+    ("POST", "/api/v1/models/{model_id}/suggestions"): (
+        lambda ids: (f"/api/v1/models/{ids['served']}/suggestions", {"json": {}}), (401, 403, 422, 422)),
     # -- HTML pages (app/routes/pages). Signed-out visitors are sent to the login page (303);
     # bearer requests need no CSRF token. "birds" is registered but not imported from a
     # workspace, so pages that need the served model answer 409 (not servable) to staff.
@@ -117,8 +127,99 @@ MATRIX = {
     ("POST", "/models/{model}/images/upload"): (lambda ids: ("/models/birds/images/upload", _NO_FOLLOW),
                                                 (303, 403, 422, 422)),
     ("GET", "/models/{model}/bank"): (lambda ids: ("/models/birds/bank", _NO_FOLLOW), PAGE_STAFF),
+    ("GET", "/models/{model}/suggestions"): (lambda ids: ("/models/birds/suggestions", _NO_FOLLOW), PAGE_UNSERVED),
+    ("POST", "/models/{model}/suggestions/apply"): (lambda ids: ("/models/birds/suggestions/apply", _NO_FOLLOW),
+                                                    PAGE_POST),
 }
 
+
+# -- user studies (app/routes/api/studies.py, app/routes/pages/studies.py and participate.py). The
+# world's study is open and belongs to "owner" (an admin), so another researcher gets 404 for it;
+# /studies/me and /participate act on the caller's own participation: 404 for a participant in
+# no study, 403 for staff. State-changing calls are made so that nothing changes (empty bodies,
+# a stale version, a draft study to close).
+_Q = {"concept": "feathers"}
+PARTICIPANT_ONLY = (401, 404, 403, 403)
+PAGE_PARTICIPANT_ONLY = (303, 404, 403, 403)
+STUDY_MATRIX = {
+    ("GET", "/api/v1/studies"): (lambda ids: ("/api/v1/studies", {}), STAFF),
+    ("POST", "/api/v1/studies"): (lambda ids: ("/api/v1/studies", {"json": {}}), (401, 403, 422, 422)),
+    ("GET", "/api/v1/studies/{study_id}"): (lambda ids: (f"/api/v1/studies/{ids['study']}", {}), (401, 403, 404, 200)),
+    ("PATCH", "/api/v1/studies/{study_id}"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}", {"json": {}}), (401, 403, 404, 409)),
+    ("POST", "/api/v1/studies/{study_id}/open"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}/open", {}), (401, 403, 404, 200)),
+    ("POST", "/api/v1/studies/{study_id}/close"): (
+        lambda ids: (f"/api/v1/studies/{ids['study_to_close']}/close", {"json": {"note": "done"}}),
+        (401, 403, 404, 200)),
+    ("POST", "/api/v1/studies/{study_id}/invitations"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}/invitations", {"json": {}}), (401, 403, 422, 422)),
+    ("GET", "/api/v1/studies/{study_id}/participants"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}/participants", {}), (401, 403, 404, 200)),
+    ("GET", "/api/v1/studies/{study_id}/results"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}/results", {}), (401, 403, 404, 200)),
+    ("GET", "/api/v1/studies/{study_id}/export"): (
+        lambda ids: (f"/api/v1/studies/{ids['study']}/export?format=json", {}), (401, 403, 404, 200)),
+    ("POST", "/api/v1/studies/join"): (lambda ids: ("/api/v1/studies/join", {"json": {}}), (422, 422, 422, 422)),
+    ("GET", "/api/v1/studies/me"): (lambda ids: ("/api/v1/studies/me", {}), PARTICIPANT_ONLY),
+    ("GET", "/api/v1/studies/me/concepts"): (lambda ids: ("/api/v1/studies/me/concepts", {}), PARTICIPANT_ONLY),
+    ("GET", "/api/v1/studies/me/concept"): (
+        lambda ids: ("/api/v1/studies/me/concept", {"params": _Q}), PARTICIPANT_ONLY),
+    ("GET", "/api/v1/studies/me/examples"): (
+        lambda ids: ("/api/v1/studies/me/examples", {"params": _Q}), PARTICIPANT_ONLY),
+    ("GET", "/api/v1/studies/me/images/file"): (
+        lambda ids: ("/api/v1/studies/me/images/file", {"params": {"id": ids["study_image"]}}), PARTICIPANT_ONLY),
+    ("GET", "/api/v1/studies/me/suggestions"): (lambda ids: ("/api/v1/studies/me/suggestions", {}), PARTICIPANT_ONLY),
+    ("POST", "/api/v1/studies/me/preview"): (lambda ids: ("/api/v1/studies/me/preview", {"json": {}}),
+                                             PARTICIPANT_ONLY),
+    ("POST", "/api/v1/studies/me/edits"): (lambda ids: ("/api/v1/studies/me/edits", {"json": {}}), PARTICIPANT_ONLY),
+    ("POST", "/api/v1/studies/me/undo"): (lambda ids: ("/api/v1/studies/me/undo", {"json": {}}), PARTICIPANT_ONLY),
+    ("POST", "/api/v1/studies/me/submit"): (
+        lambda ids: ("/api/v1/studies/me/submit", {"json": {"version": 999}}), PARTICIPANT_ONLY),
+    ("GET", "/studies"): (lambda ids: ("/studies", _NO_FOLLOW), (303, 303, 200, 200)),
+    ("POST", "/studies"): (lambda ids: ("/studies", _NO_FOLLOW), PAGE_POST),
+    ("GET", "/studies/new"): (lambda ids: ("/studies/new", _NO_FOLLOW), PAGE_STAFF),
+    ("GET", "/studies/{study}"): (lambda ids: (f"/studies/{ids['study']}", _NO_FOLLOW), (303, 403, 404, 200)),
+    ("POST", "/studies/{study}/status"): (lambda ids: (f"/studies/{ids['study']}/status", _NO_FOLLOW), PAGE_POST),
+    ("POST", "/studies/{study}/invitations"): (
+        lambda ids: (f"/studies/{ids['study']}/invitations", _NO_FOLLOW), PAGE_POST),
+    ("GET", "/join"): (lambda ids: ("/join?code=not-a-code", _NO_FOLLOW), (404, 404, 404, 404)),
+    ("POST", "/join"): (lambda ids: ("/join", _NO_FOLLOW), (403, 403, 403, 403)),
+    ("GET", "/participate"): (lambda ids: ("/participate", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/status"): (lambda ids: ("/participate/status", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/class"): (lambda ids: ("/participate/class", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/concept"): (
+        lambda ids: ("/participate/concept", {"params": _Q, **_NO_FOLLOW}), PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/examples"): (
+        lambda ids: ("/participate/examples", {"params": _Q, **_NO_FOLLOW}), PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/image"): (
+        lambda ids: ("/participate/image", {"params": {"id": ids["study_image"]}, **_NO_FOLLOW}),
+        PAGE_PARTICIPANT_ONLY),
+    ("GET", "/participate/suggestions"): (lambda ids: ("/participate/suggestions", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("POST", "/participate/preview"): (lambda ids: ("/participate/preview", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("POST", "/participate/commit"): (lambda ids: ("/participate/commit", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("POST", "/participate/undo"): (lambda ids: ("/participate/undo", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+    ("POST", "/participate/submit"): (lambda ids: ("/participate/submit", _NO_FOLLOW), PAGE_PARTICIPANT_ONLY),
+}
+MATRIX.update(STUDY_MATRIX)
+# The same routes for a participant of the world's study and for one of another researcher's
+# study: neither reaches a study's configuration or results; each works on their own model only.
+STUDY_PARTICIPANTS = ("study participant", "participant of another study")
+_OWN_WORK = (200, 200)
+STUDY_PARTICIPANT_STATUS = {route: (403, 403) for route in STUDY_MATRIX} | {
+    ("POST", "/api/v1/studies/join"): (422, 422),
+    ("POST", "/api/v1/studies/me/preview"): (422, 422),
+    ("POST", "/api/v1/studies/me/edits"): (422, 422),
+    ("POST", "/api/v1/studies/me/undo"): (422, 422),
+    ("POST", "/api/v1/studies/me/submit"): (409, 409),
+    ("GET", "/studies"): (303, 303),
+    ("GET", "/join"): (404, 404),
+    ("POST", "/participate/preview"): (422, 422),
+    ("POST", "/participate/commit"): (422, 422),
+    ("POST", "/participate/undo"): (422, 422),
+    ("POST", "/participate/submit"): (422, 422),
+} | {route: _OWN_WORK for route in STUDY_MATRIX
+     if route[0] == "GET" and (route[1].startswith("/api/v1/studies/me") or route[1].startswith("/participate"))}
 
 def app_routes(app) -> set[tuple[str, str]]:
     routes = set()
@@ -149,8 +250,10 @@ def world(db, ctx, make_user, token_headers, tiny_workspace):
     model = register_model(db, ctx.artifacts, author=owner)
     served = import_workspace(db, ctx, tiny_workspace, author=owner)[0]
     image = ctx.models.get(served).splits["test"].image_ids[0]
+    study_ids = matrix_studies(db, ctx, owner, served, make_user)
+    headers.update(study_ids.pop("headers"))
     return headers, {"user": owner.id, "token": token.id, "job": job.id, "model": model.id, "served": served,
-                     "image": image}
+                     "image": image, **study_ids}
 
 
 def test_every_route_answers_each_role_as_expected(client, world):
@@ -162,4 +265,19 @@ def test_every_route_answers_each_role_as_expected(client, world):
             got = client.request(method, url, headers=headers[role], **kwargs).status_code
             if got != status:
                 wrong.append(f"{method} {template} as {role}: {got}, expected {status}")
+    assert wrong == []
+
+
+def test_study_routes_answer_participants_of_each_study_as_expected(client, world):
+    """A participant of the world's study and one of another study, on every study route."""
+    headers, ids = world
+    assert set(STUDY_PARTICIPANT_STATUS) == set(STUDY_MATRIX)
+    wrong = []
+    for route, expected in STUDY_PARTICIPANT_STATUS.items():
+        build, _ = MATRIX[route]
+        url, kwargs = build(ids)
+        for who, status in zip(STUDY_PARTICIPANTS, expected):
+            got = client.request(route[0], url, headers=headers[who], **kwargs).status_code
+            if got != status:
+                wrong.append(f"{route[0]} {route[1]} as {who}: {got}, expected {status}")
     assert wrong == []

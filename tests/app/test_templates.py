@@ -114,6 +114,19 @@ PREVIEW = {
     "n_flipped": 17,
     "chart": plots.delta_bars([("train", 0.95, 0.94), ("test_shifted", 0.55, 0.71)], "Preview"),
 }
+SUGGESTIONS = {
+    "form": {"method": "tfti", "target_split": "test_shifted", "shots": 4, "seed": 0, "k": 5, "metric": "accuracy",
+             "split": "", "top": 5},
+    "options": {"splits": ["train", "test", "test_shifted"], "methods": [("tfti", "TF-TTI"), ("greedy", "greedy")],
+                "metrics": [("accuracy", "accuracy")]},
+    "error": None,
+    "result": {"method": "tfti", "version": 3, "target_split": "test_shifted (without the shots)",
+               "shots": {"split": "test_shifted", "n": 8, "seed": 0, "images": []},
+               "proposals": [{"id": 1, "source": "tfti", "kind": "mask", "title": f"mask {EVIL}",
+                              "evidence": [f"raises {EVIL}"], "edits_json": json.dumps([{"op": "prune", "concept": EVIL}]),
+                              "splits": PREVIEW["splits"]}],
+               "combined": {"edits_json": "[]", "splits": PREVIEW["splits"]}},
+}
 IMAGES = [{"id": f"test/circle/{i:03d}.png", "label": "circle", "predicted": "circle" if i % 3 else "square",
            "correct": bool(i % 3), "confidence": 0.5 + i / 100, "group": "blue" if i % 2 else None} for i in range(12)]
 JOB = {"id": 7, "title": "Embedding shapes", "status": "running", "progress": 0.42, "done": 42, "total": 100,
@@ -179,12 +192,79 @@ def contexts() -> dict[str, dict]:
                            "existence": 0.1, "location": None, "max_abs_weight": 0.9, "flagged": True}]},
         "job.html": {**BASE, "nav": "jobs", "job": JOB},
         "_job_progress.html": {"job": {**JOB, "status": "done", "progress": 1.0, "result_url": "/models/demo"}},
+        "_suggestions.html": {"csrf_token": "t", "model": MODEL, "suggestions": SUGGESTIONS},
+        "suggestions.html": {**BASE, "model": MODEL, "suggestions": {**SUGGESTIONS, "result": None, "error": EVIL}},
         "base.html": {**BASE},
         "_macros.html": {},
     }
 
 
+def study_contexts() -> dict[str, dict]:
+    """User studies: the researcher's pages and the participant's workspace."""
+    budget = {"total": 5, "used": 2, "left": 3}
+    status = {"status": "active", "version": 3, "deadline_at": NOW, "seconds_left": 754, "budget": budget,
+              "prunes": [{"class_name": "circle", "concept": EVIL}], "can_undo": True, "submitted_version": None}
+    work = {**status, "study": {"name": EVIL, "task": f"fix {EVIL}"}, "pseudonym": "P1a2b3c4d",
+            "tools": ["weights", "maps", "preview", "suggestions"], "splits": ["test"], "classes": ["circle", EVIL],
+            "accuracy": {"test": 0.9}}
+    concepts = {"class_name": "circle", "classes": ["circle", EVIL], "version": 3, "concepts": [
+        {"concept": EVIL, "weight": 0.0, "base_weight": 1.2, "pruned": True},
+        {"concept": "round edge", "weight": -0.4, "base_weight": -0.4, "pruned": False}]}
+    preview = {"prunes": [{"concept": EVIL, "class_name": "circle"}], "prunes_json": json.dumps([{"concept": EVIL}]),
+               "base_version": 3, "over_budget": True, "error": EVIL,
+               "splits": [{"name": "test", "n": 200, "before": 0.9, "after": 0.92, "delta": 0.02, "n_flipped": 5,
+                           "newly_correct": 4, "newly_wrong": 1}]}
+    study = {"id": 4, "name": EVIL, "status": "open", "base_model": "demo", "base_version": 3, "task": EVIL,
+             "consent_text": EVIL, "visible_splits": "in_distribution", "target_split": "test_shifted",
+             "in_distribution_split": "test", "shown_splits": ["test"],
+             "conditions": [{"name": EVIL, "tools": ["weights", "preview"]}, {"name": "b", "tools": ["weights"]}],
+             "time_limit_s": 1200, "edit_budget": 5, "created_at": NOW, "opened_at": NOW, "closed_at": None,
+             "invitations": {"unused": 2, "used": 3}}
+    row = {"pseudonym": "P1a2b3c4d", "condition": EVIL, "status": "submitted", "joined_at": NOW, "deadline_at": None,
+           "submitted_at": NOW, "version": 3, "n_prunes": 2, "n_events": 17, "last_event_at": NOW}
+    submission = {"pseudonym": "P1a2b3c4d", "condition": EVIL, "submitted_version": 3, "n_prunes": 1, "accuracy": 0.7,
+                  "correct": 7, "n": 10, "delta_vs_base": 0.1, "prunes": [{"class_name": "circle", "concept": EVIL}]}
+    results = {"target_split": "test_shifted", "k": 5, "k_source": "edit budget",
+               "base": {"accuracy": 0.6, "correct": 6, "n": 10},
+               "random": {"mean": 0.55, "std": 0.05, "k": 5, "seeds": 20},
+               "oracle": {"accuracy": 0.9, "correct": 9, "n": 10, "k": 5,
+                          "prunes": [{"class_name": "circle", "concept": EVIL}]},
+               "submissions": [submission],
+               "conditions": {EVIL: {"n": 1, "mean": 0.7, "std": None, "min": 0.7, "max": 0.7}},
+               "agreement": {"raters": 1, "units": 12, "jaccard_mean": None, "jaccard_pairs": 0, "fleiss_kappa": None},
+               "chart": plots.strip_plot([(EVIL, [0.7])], "per condition", [("base", 0.6)])}
+    return {
+        "studies.html": {**BASE, "nav": "studies", "studies": [
+            {"id": 4, "name": EVIL, "status": "open", "base_model": "demo", "base_version": 3, "participants": 3,
+             "conditions": [EVIL], "created_at": NOW}]},
+        "study_new.html": {**BASE, "nav": "studies",
+                           "models": [{"id": 1, "name": EVIL, "version": 3, "splits": ["test"]}],
+                           "form": {"name": EVIL, "base_model": "1", "conditions": EVIL}, "error": EVIL,
+                           "tools": ["weights", "maps", "preview", "suggestions"],
+                           "visible_choices": [("in_distribution", "in"), ("all", "all"), ("none", "none")]},
+        "study.html": {**BASE, "nav": "studies", "study": study, "progress": [row], "results": results,
+                       "results_problem": "", "invitation_links": [f"http://x/join?code={EVIL}"],
+                       "exports": {"csv": "/api/v1/studies/4/export?format=csv"}},
+        "study_join.html": {**BASE, "user": None, "code": EVIL, "error": EVIL,
+                            "study": {"name": EVIL, "consent_text": f"{EVIL}\nsecond", "time_limit_s": 600,
+                                      "edit_budget": 5}},
+        "study_work.html": {**BASE, "user": {"name": "study4-P1a2b3c4d", "role": "participant"}, "nav": "studies",
+                            "work": work, "concepts": concepts, "preview": preview},
+        "_study_status.html": {"status": {k: v for k, v in status.items() if k != "prunes"}},
+        "_study_concepts.html": {"work": work, "concepts": concepts},
+        "_study_concept.html": {"concept": {
+            "concept": EVIL, "source": "text", "phrase": EVIL, "maps": True,
+            "weights": [{"class_name": EVIL, "weight": 0.0, "base_weight": 1.0, "pruned": True}]}},
+        "_study_examples.html": {"size": 160, "examples": {"concept": EVIL, "images": [
+            {"image_id": f"test/{EVIL}.png", "split": "test", "label": EVIL, "score": 1.5}]}},
+        "_study_suggestions.html": {"csrf_token": "t", "work": work, "suggestions": {
+            "version": 3, "split": "test", "prunes": [{"class_name": "circle", "concept": EVIL}]}},
+        "_study_preview.html": {"csrf_token": "t", "work": work, "preview": preview},
+    }
+
+
 CONTEXTS = contexts()
+CONTEXTS.update(study_contexts())
 
 
 # ------------------------------------------------------------------ every template

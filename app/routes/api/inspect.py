@@ -2,16 +2,20 @@
 
 Researchers and admins, like the other model endpoints. Handlers are plain ``def``s, so
 FastAPI runs them in its threadpool: tensor work and backbone passes never block the loop.
+``predict`` is the exception: it awaits its micro-batch without holding a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from app.context import AppContext
-from app.deps import ContextDep, ResearcherUser
+from app.deps import ContextDep, ResearcherUser, SessionDep
 from app.errors import Unavailable
 from app.schemas import (
     ConceptWeightsPublic,
@@ -112,10 +116,26 @@ def whatif(model_id: int, body: WhatIfRequest, user: ResearcherUser, ctx: Contex
     return WhatIfPublic.model_validate(inspect.whatif(_models(ctx), model_id, body.id, body.concept, body.score))
 
 
+def _release_and_submit(session: Session, svc: ModelService, model_id: int, data: bytes,
+                        top: int) -> inspect.PendingPrediction:
+    # Authentication is done: hand its pooled database connection back before waiting for a
+    # batch, or a few dozen waiting uploads would hold every connection the pool has.
+    session.close()
+    return inspect.submit_upload(svc, model_id, data, top)
+
+
 @router.post("/{model_id}/predict", response_model=UploadPredictionPublic, responses={**_bad_image, **_busy})
-def predict(model_id: int, user: ResearcherUser, ctx: ContextDep,
-            image: Annotated[UploadFile, File(description="PNG, JPEG, WEBP, BMP or GIF.")],
-            top: Annotated[int, Query(ge=1, le=1000)] = 10) -> UploadPredictionPublic:
-    """Classify an uploaded image and explain it; the upload is neither stored nor sent back."""
-    data = image.file.read()
-    return UploadPredictionPublic.model_validate(inspect.predict_upload(_models(ctx), model_id, data, top))
+async def predict(model_id: int, user: ResearcherUser, ctx: ContextDep, session: SessionDep,
+                  image: Annotated[UploadFile, File(description="PNG, JPEG, WEBP, BMP or GIF.")],
+                  top: Annotated[int, Query(ge=1, le=1000)] = 10) -> UploadPredictionPublic:
+    """Classify an uploaded image and explain it; the upload is neither stored nor sent back.
+
+    Concurrent uploads share backbone passes (micro-batching, ``PCBM_PREDICT_*`` settings).
+    Waiting for the batch holds no thread: decoding and the explanation run in the
+    threadpool, the forward pass on the batcher's thread, and this coroutine only awaits.
+    """
+    svc = _models(ctx)
+    data = await image.read()
+    pending = await run_in_threadpool(_release_and_submit, session, svc, model_id, data, top)
+    embedding = await asyncio.wrap_future(pending.embedding)
+    return UploadPredictionPublic.model_validate(await run_in_threadpool(inspect.finish_upload, pending, embedding))

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -196,7 +197,9 @@ class PageRoute(APIRoute):
             except StarletteHTTPException as exc:
                 message = exc.detail if isinstance(exc.detail, str) and exc.detail else "The request failed."
                 return error_page(request, exc.status_code, message, headers=dict(exc.headers or {}) or None)
-            except OperationalError as exc:
+            except OverflowError:  # an id past the database's 64-bit integers names nothing
+                return error_page(request, 422, "A number in the request is too large.")
+            except (OperationalError, PoolTimeout) as exc:
                 log.warning("database error on a page: %s", exc)
                 return error_page(request, 503, "The database is busy or unavailable; try again in a moment.",
                                   headers={"Retry-After": "2"})

@@ -16,6 +16,7 @@ from app.models import Model
 from app.routes.pages.common import PageRoute, StaffUser, find_model, render, render_fragment
 from app.routes.pages.views import edits_json, model_header, split_order
 from app.services import history, inspect
+from app.services.maps import concept_checks, flagged
 from app.templating import PAGE_ROUTES, url
 
 router = APIRouter(route_class=PageRoute)
@@ -52,9 +53,21 @@ def _table_state(q: str | None, sort: str | None, order: str | None) -> dict[str
             "order": order if order in ("asc", "desc") else "desc"}
 
 
-def _concept_rows(weights: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"name": row["concept"], "weight": row["weight"], "max_abs_weight": row["max_abs_weight"],
-             "source": row["source"], "quality": row["quality"]} for row in weights["concepts"]]
+def _concept_rows(weights: dict[str, Any], svc: Any = None, model_id: int | None = None) -> list[dict[str, Any]]:
+    """The table's rows, with existence and location from the concept metrics once they are ready."""
+    checks: dict[str, dict[str, Any]] = {}
+    largest = 0.0
+    if svc is not None and model_id is not None:
+        checks, _ = concept_checks(svc, model_id)
+        largest = float(svc.get(model_id).head.weight_.abs().max()) if checks else 0.0
+    rows = []
+    for row in weights["concepts"]:
+        measured = checks.get(row["concept"], {})
+        rows.append({"name": row["concept"], "weight": row["weight"], "max_abs_weight": row["max_abs_weight"],
+                     "source": row["source"], "quality": row["quality"], "existence": measured.get("existence"),
+                     "location": measured.get("location"),
+                     "flagged": flagged(row["max_abs_weight"], largest, measured.get("existence"))})
+    return rows
 
 
 def _parent_number(session: Session, model: Model) -> int | None:
@@ -85,7 +98,7 @@ def class_view(svc: Any, model: Model, selected: str | None, state: dict[str, st
                                           top=CHART_TOP, concept_href=concept_href),
         "heatmap_chart": plots.heatmap(classes, columns, [[w[i] for i in picked] for w in matrix["weights"]],
                                        "Weights of every class × concept", cell=_heatmap_cell(len(columns))),
-        "concepts": _concept_rows(weights),
+        "concepts": _concept_rows(weights, svc, model.id),
         "table": state,
     }
 
@@ -137,7 +150,7 @@ def concept_table(
                                       sort=state["sort"], order=state["order"])
     return render_fragment(request, "_concept_table.html", {
         "model": {"name": found.name, "version": found.head_number}, "selected_class": chosen,
-        "concepts": _concept_rows(weights), "table": state, "can_edit": True,
+        "concepts": _concept_rows(weights, svc, found.id), "table": state, "can_edit": True,
     })
 
 
