@@ -6,114 +6,41 @@ Click a bar of the contribution waterfall: the page shows that concept's map.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import httpx
 import pytest
 
+from tests.e2e.harness import chromium, login_link, migrated, new_page, require_browser, serving
+
 pytestmark = pytest.mark.browser
+sync_api = require_browser()
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-ROOT = Path(__file__).resolve().parents[2]
-SECRET = "overlay-e2e-secret-" + "o" * 40
 STEP_MS = 20_000
-
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Debian's Chromium at {CHROMIUM}", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from app.db import make_engine
-    from app.migrate import upgrade
     from tests.app.workspace_helpers import build_workspace, make_backbone
 
     base = tmp_path_factory.mktemp("overlay-e2e")
-    root = build_workspace(base / "ws", make_backbone(base / "backbone"))
-    engine = make_engine(f"sqlite:///{root / 'pcbm.db'}")
-    upgrade(engine)
-    engine.dispose()
-    return root
+    return migrated(build_workspace(base / "ws", make_backbone(base / "backbone")))
 
 
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
-    port = _port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PCBM_")}
-    env.update(PCBM_WORKSPACE=str(workspace), PCBM_SECRET_KEY=SECRET, PCBM_DEVICE="cpu", PYTHONPATH=str(ROOT))
-    log = workspace / "server.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-def _login_link(workspace: Path) -> str:
-    from app.context import open_database
-    from app.models import Role
-    from app.services import users
-    from app.settings import Settings
-
-    engine, factory = open_database(Settings(workspace=workspace, secret_key=SECRET))
-    try:
-        with factory() as session:
-            return users.create_login_link(session, users.create_user(session, "overlay-researcher", Role.RESEARCHER))
-    finally:
-        engine.dispose()
+    with serving(workspace) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
 def page(server: str):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(base_url=server)
-        context.set_default_timeout(STEP_MS)
-        tab = context.new_page()
-        errors: list[str] = []
-        tab.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield tab
-        browser.close()
-        assert errors == [], f"JavaScript errors: {errors}"
+    errors: list[str] = []
+    with chromium(sync_api) as browser:
+        yield new_page(browser, server, errors, STEP_MS)
+    assert errors == [], f"JavaScript errors: {errors}"
 
 
 def _target_of(src: str) -> str:
@@ -125,7 +52,7 @@ def test_choosing_another_concept_changes_the_overlay_image(workspace: Path, pag
 
     expect = sync_api.expect
     image_id = EmbeddedDataset.load(workspace / "embeddings" / "toy.safetensors").split("test").image_ids[0]
-    page.goto(_login_link(workspace))
+    page.goto(login_link(workspace, "overlay-researcher"))
     page.goto(f"/models/pcbm/images/view?id={image_id}&target=concept:water")
     overlay = page.locator("img#overlay")
     first_src = overlay.get_attribute("src")

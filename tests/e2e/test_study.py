@@ -10,44 +10,21 @@ library computes for those prunes, and the export holds every action the server 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.app.pages.world import build_world
-from tests.e2e.test_journey import CHROMIUM, CHROMIUM_ARGS, Server, free_port
+from tests.e2e.harness import Server, chromium, login_link, migrated, new_page, open_database, require_browser, \
+    serving
 
 pytestmark = pytest.mark.browser
+sync_api = require_browser()
 
-if not CHROMIUM.exists():
-    pytest.skip(f"browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-SECRET = "e2e-secret-key-" + "s" * 40
 STEP_MS = 15_000
 TARGET = "test_shifted"
 PLANS = [("bird", "water"), ("bird", "grass"), ("cat", "striped")]  # one different prune each
-
-
-def open_database(workspace: Path):
-    from app.context import open_database as open_db
-    from app.settings import Settings
-
-    return open_db(Settings(workspace=workspace, secret_key=SECRET))
-
-
-def researcher_link(workspace: Path) -> str:
-    from app.models import Role
-    from app.services import users
-
-    engine, factory = open_database(workspace)
-    try:
-        with factory() as session:
-            user = users.create_user(session, "e2e-study-researcher", Role.RESEARCHER)
-            return users.create_login_link(session, user)
-    finally:
-        engine.dispose()
 
 
 def stored_events(workspace: Path, study_id: int) -> list[tuple[str, str]]:
@@ -55,14 +32,9 @@ def stored_events(workspace: Path, study_id: int) -> list[tuple[str, str]]:
 
     from app.models_studies import StudyEvent
 
-    engine, factory = open_database(workspace)
-    try:
-        with factory() as session:
-            rows = session.execute(select(StudyEvent.pseudonym, StudyEvent.kind)
-                                   .where(StudyEvent.study_id == study_id))
-            return sorted((pseudonym, kind) for pseudonym, kind in rows)
-    finally:
-        engine.dispose()
+    with open_database(workspace) as factory, factory() as session:
+        rows = session.execute(select(StudyEvent.pseudonym, StudyEvent.kind).where(StudyEvent.study_id == study_id))
+        return sorted((pseudonym, kind) for pseudonym, kind in rows)
 
 
 def expected_accuracy(workspace: Path, class_name: str, concept: str) -> float:
@@ -79,38 +51,19 @@ def expected_accuracy(workspace: Path, class_name: str, concept: str) -> float:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from app.db import make_engine
-    from app.migrate import upgrade
-
-    root = build_world(tmp_path_factory.mktemp("e2e-study"))
-    engine = make_engine(f"sqlite:///{root / 'pcbm.db'}")
-    upgrade(engine)
-    engine.dispose()
-    return root
+    return migrated(build_world(tmp_path_factory.mktemp("e2e-study")))
 
 
 @pytest.fixture(scope="module")
-def server(workspace: Path):
-    running = Server(workspace, free_port(), workspace / "server.log")
-    running.start()
-    yield running
-    running.stop()
+def server(workspace: Path) -> Iterator[Server]:
+    with serving(workspace) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def browser(server: Server):
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-def new_page(browser, server: Server, errors: list[str]):
-    context = browser.new_context(base_url=server.url)
-    context.set_default_timeout(STEP_MS)
-    page = context.new_page()
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    return page
+    with chromium(sync_api) as running:
+        yield running
 
 
 def take_part(page, link: str, class_name: str, concept: str) -> str:
@@ -146,10 +99,10 @@ def take_part(page, link: str, class_name: str, concept: str) -> str:
 def test_a_whole_study_with_three_participants(server: Server, workspace: Path, browser):
     expect = sync_api.expect
     errors: list[str] = []
-    researcher = new_page(browser, server, errors)
+    researcher = new_page(browser, server.url, errors, STEP_MS)
 
     # The researcher sets up a study with two conditions and opens it.
-    researcher.goto(researcher_link(workspace))
+    researcher.goto(login_link(workspace, "e2e-study-researcher"))
     researcher.goto("/studies/new")
     researcher.get_by_label("Name", exact=True).fill("Unusual backgrounds")
     researcher.get_by_label("Task, as participants will read it").fill(
@@ -171,7 +124,7 @@ def test_a_whole_study_with_three_participants(server: Server, workspace: Path, 
     # Three participants, each in a browser context of their own, prune different concepts.
     pseudonyms = {}
     for link, (class_name, concept) in zip(links, PLANS, strict=True):
-        participant = new_page(browser, server, errors)
+        participant = new_page(browser, server.url, errors, STEP_MS)
         pseudonyms[take_part(participant, link, class_name, concept)] = (class_name, concept)
         participant.context.close()
 
