@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -86,6 +86,19 @@ def _database(settings: Settings, *, require_schema: bool = True):
     return engine, factory
 
 
+@contextmanager
+def _db_session(settings: Settings) -> Iterator[Any]:
+    """One transaction on the migrated database of ``settings``; the engine is disposed after."""
+    from app.db import session_scope
+
+    engine, factory = _database(settings)
+    try:
+        with session_scope(factory) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 # -- db ------------------------------------------------------------------------------------
 
 @db_app.command("upgrade")
@@ -127,7 +140,6 @@ def users_create(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Create a user. Without a password, log in with `pcbm users link` or an API token."""
-    from app.db import session_scope
     from app.services import users
 
     with cli_errors():
@@ -136,13 +148,9 @@ def users_create(
             password = sys.stdin.readline().rstrip("\r\n")
             if not password:
                 raise fail("--password-stdin was given but stdin holds no password")
-        engine, factory = _database(load_settings(workspace))
-        try:
-            with session_scope(factory) as session:
-                user = users.create_user(session, name, role, password)
-                typer.echo(f"created {user.role.value} {user.name!r} (id {user.id})")
-        finally:
-            engine.dispose()
+        with _db_session(load_settings(workspace)) as session:
+            user = users.create_user(session, name, role, password)
+            typer.echo(f"created {user.role.value} {user.name!r} (id {user.id})")
 
 
 @users_app.command("link")
@@ -152,19 +160,14 @@ def users_link(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Print a one-time login link for a user (single use, expires after PCBM_LOGIN_LINK_TTL_S)."""
-    from app.db import session_scope
     from app.services import users
 
     with cli_errors():
         settings = load_settings(workspace)
-        engine, factory = _database(settings)
-        try:
-            with session_scope(factory) as session:
-                user = users.get_user_by_name(session, name)
-                path = users.create_login_link(session, user, ttl_s=settings.login_link_ttl_s)
-            typer.echo(base_url.rstrip("/") + path)
-        finally:
-            engine.dispose()
+        with _db_session(settings) as session:
+            user = users.get_user_by_name(session, name)
+            path = users.create_login_link(session, user, ttl_s=settings.login_link_ttl_s)
+        typer.echo(base_url.rstrip("/") + path)
 
 
 @tokens_app.command("create")
@@ -174,18 +177,13 @@ def tokens_create(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Create an API token and print it (once: only its hash is stored)."""
-    from app.db import session_scope
     from app.services import users
 
     with cli_errors():
-        engine, factory = _database(load_settings(workspace))
-        try:
-            with session_scope(factory) as session:
-                user = users.get_user_by_name(session, name)
-                _, plain = users.create_token(session, user, label)
-            typer.echo(plain)
-        finally:
-            engine.dispose()
+        with _db_session(load_settings(workspace)) as session:
+            user = users.get_user_by_name(session, name)
+            _, plain = users.create_token(session, user, label)
+        typer.echo(plain)
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -362,44 +360,34 @@ def study_create(
     """Create a study in draft (open it with `pcbm study open`)."""
     from sqlalchemy import select
 
-    from app.db import session_scope
     from app.errors import NotFound
     from app.models import Model
     from app.services import studies, users
 
     with cli_errors():
-        engine, factory = _database(load_settings(workspace))
-        try:
-            with session_scope(factory) as session:
-                user = users.get_user_by_name(session, owner)
-                model_id = session.scalar(select(Model.id).where(Model.name == model))
-                if model_id is None:
-                    raise NotFound(f"no model named {model!r}")
-                conditions = studies.parse_conditions_text("\n".join(condition or [])) or None
-                study = studies.create_study(
-                    session, user, name=name, base_model_id=model_id, task=task, consent_text=consent,
-                    visible_splits=visible_splits, target_split=target_split, conditions=conditions,
-                    edit_budget=budget, time_limit_s=time_limit_min * 60 if time_limit_min else None)
-                typer.echo(f"created study {study.id} ({study.status.value}): {study.name!r} on {model} "
-                           f"v{study.base_version}, target split {study.target_split}")
-        finally:
-            engine.dispose()
+        with _db_session(load_settings(workspace)) as session:
+            user = users.get_user_by_name(session, owner)
+            model_id = session.scalar(select(Model.id).where(Model.name == model))
+            if model_id is None:
+                raise NotFound(f"no model named {model!r}")
+            conditions = studies.parse_conditions_text("\n".join(condition or [])) or None
+            study = studies.create_study(
+                session, user, name=name, base_model_id=model_id, task=task, consent_text=consent,
+                visible_splits=visible_splits, target_split=target_split, conditions=conditions,
+                edit_budget=budget, time_limit_s=time_limit_min * 60 if time_limit_min else None)
+            typer.echo(f"created study {study.id} ({study.status.value}): {study.name!r} on {model} "
+                       f"v{study.base_version}, target split {study.target_split}")
 
 
 def _set_study_status(study_id: int, action: str, workspace: Optional[Path]) -> None:
-    from app.db import session_scope
     from app.services import studies, users
 
     with cli_errors():
-        engine, factory = _database(load_settings(workspace))
-        try:
-            with session_scope(factory) as session:
-                study = _study(session, study_id)
-                owner = users.get_user(session, study.owner_id)
-                change = studies.open_study if action == "open" else studies.close_study
-                typer.echo(f"study {study_id} is {change(session, owner, study_id).status.value}")
-        finally:
-            engine.dispose()
+        with _db_session(load_settings(workspace)) as session:
+            study = _study(session, study_id)
+            owner = users.get_user(session, study.owner_id)
+            change = studies.open_study if action == "open" else studies.close_study
+            typer.echo(f"study {study_id} is {change(session, owner, study_id).status.value}")
 
 
 @study_app.command("open")
@@ -424,19 +412,14 @@ def study_invite(
     workspace: WorkspaceOpt = None,
 ) -> None:
     """Print single-use invitation links, one per line (only their hashes are stored)."""
-    from app.db import session_scope
     from app.services import studies, users
 
     with cli_errors():
-        engine, factory = _database(load_settings(workspace))
-        try:
-            with session_scope(factory) as session:
-                study = _study(session, study_id)
-                owner = users.get_user(session, study.owner_id)
-                for code in studies.create_invitations(session, owner, study_id, count):
-                    typer.echo(base_url.rstrip("/") + studies.join_path(code))
-        finally:
-            engine.dispose()
+        with _db_session(load_settings(workspace)) as session:
+            study = _study(session, study_id)
+            owner = users.get_user(session, study.owner_id)
+            for code in studies.create_invitations(session, owner, study_id, count):
+                typer.echo(base_url.rstrip("/") + studies.join_path(code))
 
 
 @study_app.command("export")
