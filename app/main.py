@@ -70,13 +70,17 @@ def create_app(
         ``/readyz`` answers 503 until it returns. Default: import the served workspace (if it
         has a ``workspace.json``) and load every imported model into ``ctx.models``.
     job_handlers
-        Job kinds this process can run, ``{kind: handler}``.
+        Job kinds this process can run, ``{kind: handler}``; default: ``build_jobs.handlers``.
     check_schema
         Refuse to start when the database schema is not at the migration head.
     """
     settings = settings or Settings()
     ctx = build_context(settings, head_editor=head_editor)
-    for kind, handler in (job_handlers or {}).items():
+    if job_handlers is None:  # embed a dataset, build a concept bank, train a model
+        from app.services.build_jobs import handlers
+
+        job_handlers = handlers(ctx)
+    for kind, handler in job_handlers.items():
         ctx.runner.register(kind, handler)
 
     @asynccontextmanager

@@ -6,7 +6,7 @@ Services never import this module; handlers convert service results into these.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -120,6 +120,55 @@ class JobPublic(_Out):
     started_at: datetime | None
     updated_at: datetime
     finished_at: datetime | None
+
+
+# -- building: datasets, concept banks, training --------------------------------------------
+
+_ARTIFACT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class DatasetCreate(_In):
+    name: str = Field(pattern=_ARTIFACT_NAME, description="Name of the embedded dataset in the workspace.")
+    path: str = Field(min_length=1, max_length=1024,
+                      description="Folder (ImageFolder) or CSV/Parquet manifest, relative to the data root "
+                      "(`PCBM_DATA_ROOT`, default the workspace).")
+    backbone: str | None = Field(default=None, max_length=1024,
+                                 description="Backbone spec; default the workspace's (required for the first dataset).")
+    batch_size: int = Field(default=64, ge=1, le=4096)
+
+
+class DatasetPublic(BaseModel):
+    name: str
+    source: str | None = None
+    backbone: str | None = None
+    classes: list[str] = []
+    n_images: int | None = None
+    splits: Any = None
+    error: str | None = Field(default=None, description="Why the dataset's file cannot be read, if it cannot.")
+
+
+class BankCreate(_In):
+    name: str = Field(pattern=_ARTIFACT_NAME)
+    kind: Literal["text", "cav"] = Field(description="`text`: CLIP text concepts from `phrases`; `cav`: concept "
+                                         "activation vectors learned from the example images at `examples`.")
+    phrases: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(default=None, max_length=5000)
+    examples: str | None = Field(default=None, min_length=1, max_length=1024,
+                                 description="Concept-example folder or attribute table, relative to the data root.")
+
+
+class BankPublic(BaseModel):
+    name: str
+    concepts: list[str]
+    sources: list[str] = []
+    error: str | None = None
+
+
+class ModelCreate(_In):
+    name: str = Field(pattern=_ARTIFACT_NAME)
+    embeddings: str = Field(min_length=1, max_length=64, description="Embedded dataset to train on (its train split).")
+    bank: str = Field(min_length=1, max_length=64, description="Concept bank of the bottleneck.")
+    hybrid: bool = Field(default=False, description="PCBM-h: add a residual head on the embedding.")
+    lam: float | None = Field(default=None, gt=0, le=10, description="L1 strength; default: chosen on the val split.")
 
 
 # -- models and their history ------------------------------------------------------------

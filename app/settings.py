@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         default=Path("workspace"),
         description="Workspace directory the app serves (datasets, banks, models, database, artifacts).",
     )
+    data_root: Path | None = Field(
+        default=None,
+        description="Directory under which the web app and API may register datasets and concept-example folders "
+        "(paths are given relative to it and cannot leave it); default: the workspace.",
+    )
     database_url: str = Field(
         default="",
         description="SQLAlchemy database URL; empty means SQLite at `<workspace>/pcbm.db`. "
@@ -133,6 +138,10 @@ class Settings(BaseSettings):
                 "python -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
         return self
+
+    @property
+    def data_root_path(self) -> Path:
+        return Path(self.data_root).expanduser().resolve() if self.data_root is not None else self.workspace
 
     @property
     def artifacts_root(self) -> Path:

@@ -48,6 +48,10 @@ PAGE_ROUTES: dict[str, str] = {
     "apply_suggestions": "/models/{model}/suggestions/apply",  # POST base_version, proposal (repeated) | only
     "images_index": "/images",  # nav entries without a model: redirect to the default model
     "concepts_index": "/concepts",
+    "build": "/build",  # embed a dataset, build a concept bank, train a model (each a job)
+    "build_dataset": "/build/dataset",  # POST name, path, backbone
+    "build_bank": "/build/bank",  # POST name, kind, phrases | examples
+    "build_model": "/build/model",  # POST name, embeddings, bank, hybrid, lam
     "jobs": "/jobs",
     "job": "/jobs/{job}",
     "job_progress": "/jobs/{job}/progress",  # fragment _job_progress.html

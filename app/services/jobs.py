@@ -59,6 +59,13 @@ def list_jobs(session: Session, *, viewer: User, limit: int = 50) -> list[Job]:
     return list(session.scalars(query))
 
 
+def active_jobs(session: Session, kinds: list[str]) -> list[Job]:
+    """Queued or running jobs of ``kinds``, oldest first."""
+    return list(session.scalars(select(Job).where(Job.kind.in_(kinds),
+                                                  Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+                                .order_by(Job.id)))
+
+
 def request_cancel(session: Session, job_id: int, *, user: User) -> Job:
     """Cancel a queued job at once; ask a running one to stop at its next progress report."""
     job = get_job(session, job_id, viewer=user)

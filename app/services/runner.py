@@ -42,6 +42,7 @@ class JobContext:
     kind: str
     params: dict[str, Any]
     attempt: int  # 1 on the first run, higher when resumed after a restart
+    created_by: int | None = field(default=None, kw_only=True)  # the user who asked for it
     _report: Callable[[float, str | None], bool] = field(repr=False)
     _stopping: threading.Event = field(repr=False)
     _min_interval_s: float = field(default=0.5, repr=False)
@@ -135,13 +136,13 @@ class JobRunner:
             job = jobs.claim_next(session, self.kinds)
             if job is None:
                 return None
-            job_id, kind, params, attempt = job.id, job.kind, dict(job.params), job.attempts
+            job_id, kind, params, attempt, owner = job.id, job.kind, dict(job.params), job.attempts, job.created_by_id
 
         def report(fraction: float, stage: str | None) -> bool:
             with session_scope(self._factory) as progress_session:
                 return jobs.report_progress(progress_session, job_id, fraction, stage)
 
-        context = JobContext(job_id=job_id, kind=kind, params=params, attempt=attempt, _report=report,
+        context = JobContext(job_id=job_id, kind=kind, params=params, attempt=attempt, created_by=owner, _report=report,
                              _stopping=self._stopping, _min_interval_s=self._progress_interval_s)
         finish: Callable[[Session], bool]
         try:

@@ -260,6 +260,11 @@ def import_workspace(session: Session, ctx: Any, workspace_dir: str | Path, auth
     return [importer.import_model(name) for name in sorted(importer.workspace.models)]
 
 
+def import_model(session: Session, ctx: Any, workspace_dir: str | Path, name: str, author: User | None = None) -> int:
+    """Register the workspace's model ``name`` (idempotent: an imported file keeps its id)."""
+    return _Importer(session, ctx.artifacts, workspace_dir, author).import_model(name)
+
+
 def needs_loading(ctx: Any) -> bool:
     """Whether :func:`import_and_load` has anything to do: a workspace to import, or imported
     models to load. When not, the app is ready at once."""

@@ -23,6 +23,7 @@ ALL_200 = (200, 200, 200, 200)
 SIGNED_IN = (401, 200, 200, 200)
 STAFF = (401, 403, 200, 200)
 ADMIN = (401, 403, 403, 200)
+STAFF_POST = (401, 403, 422, 422)  # an empty body: staff get the validation error
 _NO_FOLLOW = {"follow_redirects": False}
 PAGE_SIGNED_IN = (303, 200, 200, 200)
 PAGE_STAFF = (303, 403, 200, 200)
@@ -55,6 +56,11 @@ MATRIX = {
     ("GET", "/api/v1/jobs/{job_id}"): (lambda ids: (f"/api/v1/jobs/{ids['job']}", {}), (401, 404, 200, 200)),
     ("POST", "/api/v1/jobs/{job_id}/cancel"): (lambda ids: (f"/api/v1/jobs/{ids['job']}/cancel", {}), (401, 404, 409, 409)),
     ("GET", "/api/v1/models"): (lambda ids: ("/api/v1/models", {}), STAFF),
+    ("POST", "/api/v1/models"): (lambda ids: ("/api/v1/models", {"json": {}}), STAFF_POST),
+    ("GET", "/api/v1/datasets"): (lambda ids: ("/api/v1/datasets", {}), STAFF),
+    ("POST", "/api/v1/datasets"): (lambda ids: ("/api/v1/datasets", {"json": {}}), STAFF_POST),
+    ("GET", "/api/v1/banks"): (lambda ids: ("/api/v1/banks", {}), STAFF),
+    ("POST", "/api/v1/banks"): (lambda ids: ("/api/v1/banks", {"json": {}}), STAFF_POST),
     ("GET", "/api/v1/models/{model_id}"): (lambda ids: (f"/api/v1/models/{ids['model']}", {}), STAFF),
     ("GET", "/api/v1/models/{model_id}/versions"): (lambda ids: (f"/api/v1/models/{ids['model']}/versions", {}), STAFF),
     ("GET", "/api/v1/models/{model_id}/versions/{number}"): (
@@ -100,6 +106,10 @@ MATRIX = {
     ("GET", "/"): (lambda ids: ("/", _NO_FOLLOW), PAGE_SIGNED_IN),
     ("GET", "/images"): (lambda ids: ("/images", _NO_FOLLOW), (303, 403, 303, 303)),
     ("GET", "/concepts"): (lambda ids: ("/concepts", _NO_FOLLOW), (303, 403, 303, 303)),
+    ("GET", "/build"): (lambda ids: ("/build", _NO_FOLLOW), PAGE_STAFF),
+    ("POST", "/build/dataset"): (lambda ids: ("/build/dataset", _NO_FOLLOW), PAGE_POST),
+    ("POST", "/build/bank"): (lambda ids: ("/build/bank", _NO_FOLLOW), PAGE_POST),
+    ("POST", "/build/model"): (lambda ids: ("/build/model", _NO_FOLLOW), PAGE_POST),
     ("GET", "/jobs"): (lambda ids: ("/jobs", _NO_FOLLOW), (303, 303, 303, 303)),
     ("GET", "/jobs/{job}"): (lambda ids: (f"/jobs/{ids['job']}", _NO_FOLLOW), (303, 404, 200, 200)),
     ("GET", "/jobs/{job}/progress"): (lambda ids: (f"/jobs/{ids['job']}/progress", _NO_FOLLOW), (303, 404, 200, 200)),

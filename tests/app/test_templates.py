@@ -196,6 +196,13 @@ def contexts() -> dict[str, dict]:
         "suggestions.html": {**BASE, "model": MODEL, "suggestions": {**SUGGESTIONS, "result": None, "error": EVIL}},
         "base.html": {**BASE},
         "_macros.html": {},
+        "build.html": {**BASE, "nav": "build", "backbone": None, "data_root": "/data/" + EVIL,
+                       "datasets": [{"name": "toy", "source": EVIL, "classes": ["cat", EVIL], "n_images": 12},
+                                    {"name": "broken", "source": None, "classes": [], "n_images": None,
+                                     "error": EVIL}],
+                       "banks": [{"name": "concepts", "concepts": ["water"], "sources": ["text"]}],
+                       "form": {"name": EVIL, "path": "../up", "phrases": EVIL}, "which": "dataset", "error": EVIL,
+                       "jobs": [{"id": 3, "title": EVIL, "status": "running", "progress": 0.5}]},
     }
 
 
@@ -268,6 +275,19 @@ CONTEXTS.update(study_contexts())
 
 
 # ------------------------------------------------------------------ every template
+def test_build_page_shows_the_lists_forms_and_the_refusal(env):
+    page = Page(render(env, "build.html", CONTEXTS["build.html"]))
+    assert page.one("tr", data_name="toy") and page.one("tr", data_name="broken")
+    assert page.one("form", action="/build/dataset") and page.one("form", action="/build/model")
+    assert page.one("input", name="path")["value"] == "../up"  # the refused value comes back
+    assert page.one("input", name="backbone")  # no backbone yet: the first dataset names it
+    assert page.one("a", href="/jobs/3")
+    assert [a for t, a in page.elements if t == "button" and "disabled" in a] == []  # datasets and banks exist
+    empty = Page(render(env, "build.html", {**CONTEXTS["build.html"], "banks": [], "backbone": "demo"}))
+    assert len([a for t, a in empty.elements if t == "button" and "disabled" in a]) == 1  # no bank: no training
+    assert empty.find("input", name="backbone") == []
+
+
 def test_every_template_has_a_fixture():
     names = {p.name for p in TEMPLATE_DIR.glob("*.html")}
     assert names == set(CONTEXTS), "add a representative context for each new template"

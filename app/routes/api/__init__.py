@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from app.routes.api import auth, inspect, jobs, maps, models, studies, suggestions, tokens, users
+from app.routes.api import auth, build, inspect, jobs, maps, models, studies, suggestions, tokens, users
 from app.schemas import ErrorBody
 
 # Any API route can answer these: a malformed body (400), no or a bad login (401), a role
@@ -15,6 +15,7 @@ api_router.include_router(auth.router)
 api_router.include_router(users.router)
 api_router.include_router(tokens.router)
 api_router.include_router(jobs.router)
+api_router.include_router(build.router)
 api_router.include_router(models.router)
 api_router.include_router(inspect.router)
 api_router.include_router(maps.router)

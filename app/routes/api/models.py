@@ -10,16 +10,35 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.deps import ContextDep, ResearcherUser, SessionDep
-from app.schemas import DiffPublic, EditCommit, ErrorBody, ModelPublic, RevertRequest, UndoRequest, VersionPublic
-from app.services import diffs, history, inspect
+from app.schemas import (DiffPublic, EditCommit, ErrorBody, JobPublic, ModelCreate, ModelPublic, RevertRequest,
+                         UndoRequest, VersionPublic)
+from app.services import build_jobs, diffs, history, inspect
 
 router = APIRouter(prefix="/models", tags=["models"])
 _conflict = {409: {"model": ErrorBody, "description": "base_version is not the head; detail.current_version is"}}
 
 
 @router.get("", response_model=list[ModelPublic])
-def list_models(user: ResearcherUser, session: SessionDep) -> list[ModelPublic]:
-    return [ModelPublic.model_validate(m) for m in history.list_models(session)]
+def list_models(user: ResearcherUser, session: SessionDep,
+                include_study_copies: Annotated[bool, Query(
+                    description="Also list participants' private copies made by user studies.")] = False,
+                ) -> list[ModelPublic]:
+    return [ModelPublic.model_validate(m)
+            for m in history.list_models(session, include_study_copies=include_study_copies)]
+
+
+@router.post("", response_model=JobPublic, status_code=202, responses={
+    404: {"model": ErrorBody, "description": "no such embedded dataset or concept bank"},
+    409: {"model": ErrorBody, "description": "the name is taken, or a job is already making it"},
+    422: {"model": ErrorBody}})
+def train_model(body: ModelCreate, user: ResearcherUser, session: SessionDep, ctx: ContextDep) -> JobPublic:
+    """Train PCBM (or PCBM-h) on an embedded dataset's train split over a concept bank, as a job.
+
+    When the job is done its result holds ``model_id``: version 1 is registered and served.
+    """
+    job = build_jobs.request_train(session, ctx, user, name=body.name, embeddings=body.embeddings, bank=body.bank,
+                                   hybrid=body.hybrid, lam=body.lam)
+    return JobPublic.model_validate(job)
 
 
 @router.get("/{model_id}", response_model=ModelPublic)

@@ -7,12 +7,12 @@ Every route here is a :class:`~app.routes.pages.common.PageRoute`: failures rend
 
 from fastapi import APIRouter
 
-from app.routes.pages import (auth, bank, edits, history, home, images, jobs, model, participate, studies, suggestions,
+from app.routes.pages import (auth, bank, build, edits, history, home, images, jobs, model, participate, studies, suggestions,
                               upload)
 from app.routes.pages.common import PageRoute
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
-for module in (auth, home, model, edits, history, images, upload, bank, jobs, suggestions, studies, participate):
+for module in (auth, home, model, edits, history, images, upload, bank, build, jobs, suggestions, studies, participate):
     router.include_router(module.router)
 
 __all__ = ["router"]
