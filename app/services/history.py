@@ -41,8 +41,15 @@ def get_model(session: Session, model_id: int) -> Model:
     return model
 
 
-def list_models(session: Session) -> list[Model]:
-    return list(session.scalars(select(Model).order_by(Model.id)))
+def list_models(session: Session, *, include_study_copies: bool = False) -> list[Model]:
+    """Models in id order; participants' private copies (user studies) only when asked for."""
+    query = select(Model).order_by(Model.id)
+    if not include_study_copies:
+        from app.models_studies import Participant
+
+        copies = select(Participant.model_id).where(Participant.model_id.is_not(None))
+        query = query.where(Model.id.not_in(copies))
+    return list(session.scalars(query))
 
 
 def list_versions(session: Session, model_id: int) -> list[ModelVersion]:

@@ -172,6 +172,13 @@ class TestJoining:
         base = history.get_version(db, model_id, study.base_version)
         assert copy.weights_hash == base.weights_hash and copy.author_id == user.id
 
+    def test_copies_stay_off_the_model_lists_unless_asked_for(self, client, db, ctx, staff, owner, study, model_id):
+        participant, _, _ = join(db, ctx, owner, study.id)
+        listed = [m["id"] for m in client.get("/api/v1/models", headers=staff).json()]
+        assert model_id in listed and participant.model_id not in listed
+        everything = client.get("/api/v1/models", headers=staff, params={"include_study_copies": "true"}).json()
+        assert participant.model_id in [m["id"] for m in everything]
+
     def test_the_invitation_page_consents_and_signs_in(self, client, db, owner, study):
         code = studies.create_invitations(db, owner, study.id, 1)[0]
         page = client.get(studies.join_path(code))
