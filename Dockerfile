@@ -18,4 +18,5 @@ EXPOSE 8000
 VOLUME ["/data"]
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz').status == 200 else 1)"
 # Migrations run before the server starts; the server refuses an unmigrated database anyway.
-CMD ["sh", "-c", "pcbm db upgrade && pcbm serve --host 0.0.0.0 --port 8000"]
+# `exec` makes the server PID 1, so `docker stop` (SIGTERM) reaches it and in-flight requests finish.
+CMD ["sh", "-c", "pcbm db upgrade && exec pcbm serve --host 0.0.0.0 --port 8000"]
