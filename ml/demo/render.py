@@ -35,7 +35,8 @@ SIZE_RADIUS = {"small": (10.0, 13.0), "large": (16.0, 21.0)}
 MAX_SHIFT = 9.0  # pixels (at 64px) the object's centre may move from the image centre
 BG_CONTRAST = 0.5
 RIM_DARKENING = 0.85
-MAX_TILT = 0.35  # radians; objects stand roughly upright, as most photographed objects do
+MAX_TILT = 0.15  # radians; objects stand roughly upright, as most photographed objects do
+# (a wider tilt made shape far slower to learn for the demo's small ViT: docs/demo-world.md)
 
 
 @dataclass(frozen=True)
