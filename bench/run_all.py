@@ -24,6 +24,7 @@ MODULES = [
     "bench.bench_head",
     "bench.bench_cav",
     "bench.bench_edit_preview",
+    "bench.app_preview",  # section "app_preview": POST /preview of one prune on the demo model, over loopback
     "bench.study_load",  # section "study_load": 30 participants on loopback, events sent vs stored
     "bench.load",  # section "load": 50 researchers browse, preview and commit on loopback (20 s quick, 180 s)
     "bench.throughput",  # section "throughput": embedding pipeline efficiency, micro-batched predict (~2.5 min quick)
