@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 EMBED, BANK, TRAIN = "embed", "bank", "train"
 KINDS = (EMBED, BANK, TRAIN)
-# One workspace manifest, written by jobs and read by requests: jobs of this module change it
-# one at a time even if a deployment runs several job runners in one process.
+# Jobs of this module change the workspace manifest one at a time, even if a deployment runs
+# several job runners in one process. Requests only read it, without the lock: the manifest is
+# replaced atomically, so a read never waits for a long embedding job.
 _WORKSPACE_LOCK = threading.Lock()
 
 
@@ -115,8 +116,7 @@ def request_embed(session: Session, ctx: Any, user: User, *, name: str, path: st
                   backbone: str | None = None, batch_size: int = 64) -> Job:
     """Queue embedding the dataset at ``path`` (under the data root) as ``name``."""
     name = _name(name, "dataset name")
-    with _WORKSPACE_LOCK:
-        workspace = _workspace(ctx)
+    workspace = _workspace(ctx)
     _taken(workspace, "embeddings", name, "dataset")
     _pending(session, EMBED, name)
     source = data_path(ctx, path, "dataset path")
@@ -129,8 +129,7 @@ def request_bank(session: Session, ctx: Any, user: User, *, name: str, kind: str
                  phrases: Sequence[str] | None = None, examples: str | None = None) -> Job:
     """Queue a text bank from ``phrases`` or a CAV bank from the example folders at ``examples``."""
     name = _name(name, "concept bank name")
-    with _WORKSPACE_LOCK:
-        workspace = _workspace(ctx)
+    workspace = _workspace(ctx)
     _taken(workspace, "banks", name, "concept bank")
     _pending(session, BANK, name)
     spec = _backbone_spec(workspace, None)
@@ -157,8 +156,7 @@ def request_train(session: Session, ctx: Any, user: User, *, name: str, embeddin
                   hybrid: bool = False, lam: float | None = None) -> Job:
     """Queue training PCBM (or PCBM-h) ``name`` on ``embeddings``' train split over ``bank``."""
     name = _name(name, "model name")
-    with _WORKSPACE_LOCK:
-        workspace = _workspace(ctx)
+    workspace = _workspace(ctx)
     _taken(workspace, "models", name, "model")
     _pending(session, TRAIN, name)
     _known(workspace, "embeddings", embeddings, "embedded dataset")
@@ -182,8 +180,7 @@ def list_datasets(ctx: Any) -> list[dict[str, Any]]:
 
     from ml.store import load_meta
 
-    with _WORKSPACE_LOCK:
-        workspace = _workspace(ctx)
+    workspace = _workspace(ctx)
     rows = []
     for name in sorted(workspace.embeddings):
         try:
@@ -200,8 +197,7 @@ def list_datasets(ctx: Any) -> list[dict[str, Any]]:
 def list_banks(ctx: Any) -> list[dict[str, Any]]:
     from ml.concepts import ConceptBank
 
-    with _WORKSPACE_LOCK:
-        workspace = _workspace(ctx)
+    workspace = _workspace(ctx)
     rows = []
     for name in sorted(workspace.banks):
         try:
