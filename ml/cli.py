@@ -100,7 +100,7 @@ def embed(
     backbone: Annotated[Optional[str], typer.Option(help="Backbone spec, e.g. 'demo' or 'open_clip:ViT-B-32@/models/vitb32.safetensors'. Defaults to the workspace's.")] = None,
     name: Annotated[str, typer.Option(help="Name of the embedded dataset in the workspace.")] = "dataset",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
-    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding worker processes (default: automatic: none for a few batches, 1 beside a CPU backbone, up to 8 feeding a GPU).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a labelled image dataset with a backbone (cached: nothing is embedded twice)."""

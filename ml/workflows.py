@@ -37,9 +37,10 @@ def _backbone(workspace: Workspace, spec: str | None):
 
 def embed(
     root: Path, dataset_path: Path, backbone_spec: str | None, name: str,
-    batch_size: int = 64, num_workers: int = 0, progress_factory: ProgressFactory | None = None,
+    batch_size: int = 64, num_workers: int | None = 0, progress_factory: ProgressFactory | None = None,
 ) -> dict:
-    """Embed a dataset on disk and register it as ``name`` in the workspace."""
+    """Embed a dataset on disk and register it as ``name`` in the workspace (``num_workers=None``:
+    as many decoding processes as :func:`ml.embed.auto_workers` picks)."""
     from ml.data import load_dataset
     from ml.embed import embed_dataset
     from ml.store import EmbeddingCache

@@ -95,6 +95,19 @@ def test_embedding_twice_embeds_nothing_new(workspace, setup):
     assert json.loads(result.stdout)["n_new"] == 0
 
 
+def test_decoding_workers_are_chosen_automatically_unless_given(tmp_path, setup, monkeypatch):
+    import ml.embed
+
+    asked = []
+    monkeypatch.setattr(ml.embed, "auto_workers", lambda n, batch, device: asked.append((n, batch)) or 0)
+    result = run("embed", setup["data"], "-w", tmp_path / "auto", "--backbone", setup["spec"], "--json")
+    assert result.exit_code == 0, result.output
+    assert len(asked) == 1 and asked[0][0] == json.loads(result.stdout)["n_images"]
+    result = run("embed", setup["data"], "-w", tmp_path / "given", "--backbone", setup["spec"], "--workers", "0",
+                 "--json")
+    assert result.exit_code == 0 and len(asked) == 1  # --workers 0 is taken as given
+
+
 def test_eval_reproduces_the_training_report(workspace):
     ws, outputs = workspace
     result = run("eval", "-w", ws, "--model", "pcbm", "--embeddings", "colours", "--json")
