@@ -205,7 +205,11 @@ def raw_exchange(port: int, request: bytes, body_chunks: list[bytes] = (), timeo
                 sock.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered and closed while we were still sending: that is the point
-        sock.shutdown(socket.SHUT_WR) if body_chunks else None
+        if body_chunks:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:  # ENOTCONN: the server already closed the connection (same as above)
+                pass
         received = b""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
