@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.errors import Conflict, InvalidInput, NotFound
-from app.models import Job, User
+from app.models import Job, Model, User
 from app.services import jobs
 from app.services.runner import JobContext, JobHandler
+from app.templating import url
 from ml.errors import PCBMError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _WORKSPACE_LOCK = threading.Lock()
 
 
 # -- checking requests -------------------------------------------------------------------------
-def _workspace(ctx: Any):
+def served_workspace(ctx: Any):
     """The served workspace's manifest; an empty one (not written) if it has none yet."""
     from ml.workspace import MANIFEST, Workspace
 
@@ -116,7 +117,7 @@ def request_embed(session: Session, ctx: Any, user: User, *, name: str, path: st
                   backbone: str | None = None, batch_size: int = 64) -> Job:
     """Queue embedding the dataset at ``path`` (under the data root) as ``name``."""
     name = _name(name, "dataset name")
-    workspace = _workspace(ctx)
+    workspace = served_workspace(ctx)
     _taken(workspace, "embeddings", name, "dataset")
     _pending(session, EMBED, name)
     source = data_path(ctx, path, "dataset path")
@@ -129,7 +130,7 @@ def request_bank(session: Session, ctx: Any, user: User, *, name: str, kind: str
                  phrases: Sequence[str] | None = None, examples: str | None = None) -> Job:
     """Queue a text bank from ``phrases`` or a CAV bank from the example folders at ``examples``."""
     name = _name(name, "concept bank name")
-    workspace = _workspace(ctx)
+    workspace = served_workspace(ctx)
     _taken(workspace, "banks", name, "concept bank")
     _pending(session, BANK, name)
     spec = _backbone_spec(workspace, None)
@@ -156,7 +157,7 @@ def request_train(session: Session, ctx: Any, user: User, *, name: str, embeddin
                   hybrid: bool = False, lam: float | None = None) -> Job:
     """Queue training PCBM (or PCBM-h) ``name`` on ``embeddings``' train split over ``bank``."""
     name = _name(name, "model name")
-    workspace = _workspace(ctx)
+    workspace = served_workspace(ctx)
     _taken(workspace, "models", name, "model")
     _pending(session, TRAIN, name)
     _known(workspace, "embeddings", embeddings, "embedded dataset")
@@ -180,7 +181,7 @@ def list_datasets(ctx: Any) -> list[dict[str, Any]]:
 
     from ml.store import load_meta
 
-    workspace = _workspace(ctx)
+    workspace = served_workspace(ctx)
     rows = []
     for name in sorted(workspace.embeddings):
         try:
@@ -197,7 +198,7 @@ def list_datasets(ctx: Any) -> list[dict[str, Any]]:
 def list_banks(ctx: Any) -> list[dict[str, Any]]:
     from ml.concepts import ConceptBank
 
-    workspace = _workspace(ctx)
+    workspace = served_workspace(ctx)
     rows = []
     for name in sorted(workspace.banks):
         try:
@@ -267,7 +268,7 @@ def _train(ctx: Any) -> JobHandler:
         p = job.params
         root = Path(ctx.settings.workspace)
         with _WORKSPACE_LOCK:
-            workspace = _workspace(ctx)
+            workspace = served_workspace(ctx)
             if p["name"] not in workspace.models:  # a resumed job may have trained it already
                 job.progress(0.05, "fitting the sparse head (choosing λ on the val split)", force=True)
                 lam = p.get("lam")
@@ -277,26 +278,15 @@ def _train(ctx: Any) -> JobHandler:
         with session_scope(ctx.session_factory) as session:
             author = session.get(User, job.created_by) if job.created_by else None
             model_id = import_model(session, ctx, root, p["name"], author=author)
+            served_name = session.get(Model, model_id).name  # may differ from the workspace's if taken
         job.progress(0.9, "loading it into the model service", force=True)
         if getattr(ctx, "models", None) is not None:
             ctx.models.get(model_id)
-        from app.templating import url
-
-        return {"name": p["name"], "model_id": model_id, "url": url("model", model=_model_name(ctx, model_id))}
+        return {"name": p["name"], "model_id": model_id, "url": url("model", model=served_name)}
 
     return run
-
-
-def _model_name(ctx: Any, model_id: int) -> str:
-    from app.models import Model
-
-    with session_scope(ctx.session_factory) as session:
-        return session.get(Model, model_id).name
 
 
 def handlers(ctx: Any) -> dict[str, JobHandler]:
     """The job kinds every app runs unless ``create_app(job_handlers=...)`` says otherwise."""
     return {EMBED: _embed(ctx), BANK: _bank(ctx), TRAIN: _train(ctx)}
-
-
-Handlers = Callable[[Any], dict[str, JobHandler]]

@@ -28,13 +28,7 @@ Long = Annotated[str, Form(max_length=1024)]
 
 def _page(request: Request, session: Session, ctx: AppContext, user: Any, *, form: dict[str, str] | None = None,
           which: str = "", error: str = "", status_code: int = 200) -> Response:
-    from ml.workspace import Workspace
-
-    try:
-        workspace = Workspace.open(ctx.settings.workspace, create=False)
-        backbone = workspace.backbone
-    except Exception:  # noqa: BLE001 - no workspace yet: the forms create one
-        backbone = None
+    backbone = build_jobs.served_workspace(ctx).backbone  # None until the first dataset is embedded
     recent = [j for j in job_service.list_jobs(session, viewer=user, limit=20) if j.kind in build_jobs.KINDS]
     return render(request, "build.html", {
         "nav": "build", "datasets": build_jobs.list_datasets(ctx), "banks": build_jobs.list_banks(ctx),
