@@ -55,6 +55,21 @@ def migrated(root: Path) -> Path:
     return root
 
 
+def pages_world(tmp_path_factory, label: str) -> Path:
+    """The pages tests' tiny world (fake embeddings, 3 classes), migrated, in a fresh folder."""
+    from tests.app.pages.world import build_world
+
+    return migrated(build_world(tmp_path_factory.mktemp(label)))
+
+
+def model_world(tmp_path_factory, label: str) -> Path:
+    """A tiny workspace with a real (tiny, random) open_clip backbone, migrated, in a fresh folder."""
+    from tests.app.workspace_helpers import build_workspace, make_backbone
+
+    base = tmp_path_factory.mktemp(label)
+    return migrated(build_workspace(base / "ws", make_backbone(base / "backbone")))
+
+
 class Server:
     """``uvicorn --factory app.main:create_app`` in a subprocess serving ``workspace``."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import chromium, login_link, migrated, new_page, require_browser, serving
+from tests.e2e.harness import chromium, login_link, model_world, new_page, require_browser, serving
 
 pytestmark = pytest.mark.browser
 sync_api = require_browser()
@@ -22,10 +22,7 @@ STEP_MS = 30_000
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.app.workspace_helpers import build_workspace, make_backbone
-
-    base = tmp_path_factory.mktemp("build-e2e")
-    return migrated(build_workspace(base / "ws", make_backbone(base / "backbone")))
+    return model_world(tmp_path_factory, "build-e2e")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.pages.world import build_world
-from tests.e2e.harness import Server, chromium, login_link, migrated, new_page, require_browser, serving
+from tests.e2e.harness import Server, chromium, login_link, new_page, pages_world, require_browser, serving
 
 pytestmark = pytest.mark.browser
 sync_api = require_browser()
@@ -24,7 +23,7 @@ STEP_MS = 15_000  # the longest any single step may take
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return migrated(build_world(tmp_path_factory.mktemp("e2e")))
+    return pages_world(tmp_path_factory, "e2e")
 
 
 @pytest.fixture(scope="module")

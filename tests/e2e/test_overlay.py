@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.e2e.harness import chromium, login_link, migrated, new_page, require_browser, serving
+from tests.e2e.harness import chromium, login_link, model_world, new_page, require_browser, serving
 
 pytestmark = pytest.mark.browser
 sync_api = require_browser()
@@ -23,10 +23,7 @@ STEP_MS = 20_000
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.app.workspace_helpers import build_workspace, make_backbone
-
-    base = tmp_path_factory.mktemp("overlay-e2e")
-    return migrated(build_workspace(base / "ws", make_backbone(base / "backbone")))
+    return model_world(tmp_path_factory, "overlay-e2e")
 
 
 @pytest.fixture(scope="module")

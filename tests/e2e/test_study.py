@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.pages.world import build_world
-from tests.e2e.harness import Server, chromium, login_link, migrated, new_page, open_database, require_browser, \
+from tests.e2e.harness import Server, chromium, login_link, new_page, open_database, pages_world, require_browser, \
     serving
 
 pytestmark = pytest.mark.browser
@@ -51,7 +50,7 @@ def expected_accuracy(workspace: Path, class_name: str, concept: str) -> float:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return migrated(build_world(tmp_path_factory.mktemp("e2e-study")))
+    return pages_world(tmp_path_factory, "e2e-study")
 
 
 @pytest.fixture(scope="module")
