@@ -11,6 +11,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ml ./ml
 COPY app ./app
+COPY templates ./templates
+COPY static ./static
+COPY migrations ./migrations
 RUN pip install --upgrade pip && pip install . && mkdir -p /data && chown pcbm /data
 
 USER pcbm

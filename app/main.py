@@ -9,7 +9,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -21,6 +20,7 @@ from app.error_handlers import install_error_handlers
 from app.errors import SchemaNotAtHead
 from app.middleware import BodySizeLimitMiddleware, SecurityHeadersMiddleware
 from app.migrate import check_database
+from app.resources import STATIC_DIR
 from app.routes import health, pages, session
 from app.routes.api import api_router
 from app.schemas import ErrorBody
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[AppContext], None]
 API_PREFIX = "/api/v1"
-STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def _load_models(ctx: AppContext, loader: ModelLoader | None) -> None:

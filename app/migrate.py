@@ -6,7 +6,6 @@ refuses to start on a database whose schema is not at this code's head revision.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
@@ -16,8 +15,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import DatabaseNotReady, SchemaNotAtHead
+from app.resources import MIGRATIONS_DIR
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -16,7 +16,8 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+from app.resources import TEMPLATE_DIR
+
 
 # One table of page URLs, shared by the templates (through the ``url`` global) and by the
 # page routes (``@router.get(PAGE_ROUTES["history"])``), so a link can never point at a
@@ -215,7 +216,7 @@ def make_environment(directory: str | Path | None = None, *, strict: bool = Fals
 
 
 def make_templates(directory: str | Path | None = None, *, strict: bool = False):
-    """A ``fastapi.templating.Jinja2Templates`` over ``directory`` (default: app/templates)."""
+    """A ``fastapi.templating.Jinja2Templates`` over ``directory`` (default: the top-level templates/)."""
     from fastapi.templating import Jinja2Templates  # imported here so plots/tests need no web stack
 
     env = make_environment(directory, strict=strict)

@@ -10,9 +10,9 @@ import pytest
 from markupsafe import Markup
 
 from app import plots
+from app.resources import TEMPLATE_DIR
 from app.templating import (
     PAGE_ROUTES,
-    TEMPLATE_DIR,
     ago,
     make_environment,
     make_templates,

@@ -11,7 +11,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app import models  # noqa: F401  (registers every table on the metadata)
+from app import models, models_studies  # noqa: F401  (every module of tables registers them on the metadata)
 from app.db import Base, make_engine
 
 config = context.config
