@@ -26,7 +26,7 @@ browser-deps:
 run: setup
 	$(VENV)/bin/pcbm demo
 
-test: setup browser-deps
+test: setup browser-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
@@ -37,6 +37,10 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run_all --quick
+
+# ruff's rules are in pyproject.toml; `make test` runs this first.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Reliability and security (docs/reliability.md). `make test` runs the bounded versions of
 # these; the long modes below record their numbers in bench/results.json.

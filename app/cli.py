@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -36,7 +36,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 
 WorkspaceOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--workspace", "-w", help="Workspace directory (default: $PCBM_WORKSPACE, else ./workspace).",
                  envvar="PCBM_WORKSPACE", show_default=False),
 ]
@@ -244,8 +244,8 @@ DEFAULT_DEMO_WORKSPACE = Path("data") / "demo"
 
 @app.command()
 def demo(
-    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Where the demo is built (default: ./data/demo).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="A world config JSON (see docs/demo-world.md); default: the shipped one.")] = None,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Where the demo is built (default: ./data/demo).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A world config JSON (see docs/demo-world.md); default: the shipped one.")] = None,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Only build the workspace; do not start the server.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the build report as JSON.")] = False,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 to serve on.")] = 8000,
@@ -347,13 +347,13 @@ def study_create(
     model: Annotated[str, typer.Option(help="Name of the base model (its current version is used).")],
     task: Annotated[str, typer.Option(help="The task, as participants will read it.")],
     owner: Annotated[str, typer.Option(help="The researcher (or admin) who owns the study.")],
-    condition: Annotated[Optional[list[str]], typer.Option(
+    condition: Annotated[list[str] | None, typer.Option(
         help="A condition as 'name: tool, tool' (tools: weights, maps, preview, suggestions); repeat for more.",
     )] = None,
     visible_splits: Annotated[str, typer.Option(help="none, in_distribution or all.")] = "in_distribution",
-    target_split: Annotated[Optional[str], typer.Option(help="The held-out split (default: the shifted one).")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="Most prunes per participant.")] = None,
-    time_limit_min: Annotated[Optional[int], typer.Option(help="Minutes per participant.")] = None,
+    target_split: Annotated[str | None, typer.Option(help="The held-out split (default: the shifted one).")] = None,
+    budget: Annotated[int | None, typer.Option(help="Most prunes per participant.")] = None,
+    time_limit_min: Annotated[int | None, typer.Option(help="Minutes per participant.")] = None,
     consent: Annotated[str, typer.Option(help="Consent text shown before joining.")] = "",
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -364,30 +364,28 @@ def study_create(
     from app.models import Model
     from app.services import studies, users
 
-    with cli_errors():
-        with _db_session(load_settings(workspace)) as session:
-            user = users.get_user_by_name(session, owner)
-            model_id = session.scalar(select(Model.id).where(Model.name == model))
-            if model_id is None:
-                raise NotFound(f"no model named {model!r}")
-            conditions = studies.parse_conditions_text("\n".join(condition or [])) or None
-            study = studies.create_study(
-                session, user, name=name, base_model_id=model_id, task=task, consent_text=consent,
-                visible_splits=visible_splits, target_split=target_split, conditions=conditions,
-                edit_budget=budget, time_limit_s=time_limit_min * 60 if time_limit_min else None)
-            typer.echo(f"created study {study.id} ({study.status.value}): {study.name!r} on {model} "
-                       f"v{study.base_version}, target split {study.target_split}")
+    with cli_errors(), _db_session(load_settings(workspace)) as session:
+        user = users.get_user_by_name(session, owner)
+        model_id = session.scalar(select(Model.id).where(Model.name == model))
+        if model_id is None:
+            raise NotFound(f"no model named {model!r}")
+        conditions = studies.parse_conditions_text("\n".join(condition or [])) or None
+        study = studies.create_study(
+            session, user, name=name, base_model_id=model_id, task=task, consent_text=consent,
+            visible_splits=visible_splits, target_split=target_split, conditions=conditions,
+            edit_budget=budget, time_limit_s=time_limit_min * 60 if time_limit_min else None)
+        typer.echo(f"created study {study.id} ({study.status.value}): {study.name!r} on {model} "
+                   f"v{study.base_version}, target split {study.target_split}")
 
 
-def _set_study_status(study_id: int, action: str, workspace: Optional[Path]) -> None:
+def _set_study_status(study_id: int, action: str, workspace: Path | None) -> None:
     from app.services import studies, users
 
-    with cli_errors():
-        with _db_session(load_settings(workspace)) as session:
-            study = _study(session, study_id)
-            owner = users.get_user(session, study.owner_id)
-            change = studies.open_study if action == "open" else studies.close_study
-            typer.echo(f"study {study_id} is {change(session, owner, study_id).status.value}")
+    with cli_errors(), _db_session(load_settings(workspace)) as session:
+        study = _study(session, study_id)
+        owner = users.get_user(session, study.owner_id)
+        change = studies.open_study if action == "open" else studies.close_study
+        typer.echo(f"study {study_id} is {change(session, owner, study_id).status.value}")
 
 
 @study_app.command("open")
@@ -414,12 +412,11 @@ def study_invite(
     """Print single-use invitation links, one per line (only their hashes are stored)."""
     from app.services import studies, users
 
-    with cli_errors():
-        with _db_session(load_settings(workspace)) as session:
-            study = _study(session, study_id)
-            owner = users.get_user(session, study.owner_id)
-            for code in studies.create_invitations(session, owner, study_id, count):
-                typer.echo(base_url.rstrip("/") + studies.join_path(code))
+    with cli_errors(), _db_session(load_settings(workspace)) as session:
+        study = _study(session, study_id)
+        owner = users.get_user(session, study.owner_id)
+        for code in studies.create_invitations(session, owner, study_id, count):
+            typer.echo(base_url.rstrip("/") + studies.join_path(code))
 
 
 @study_app.command("export")

@@ -70,7 +70,6 @@ def _bearer(request: Request) -> str | None:
 
 def optional_user(
     request: Request,
-    ctx: ContextDep,
     session: SessionDep,
     cookie: Annotated[BrowserSession | None, Depends(browser_session)],
     csrf: Annotated[str | None, Depends(submitted_csrf_token)],

@@ -90,7 +90,7 @@ def create_app(
             except SchemaNotAtHead:
                 ctx.engine.dispose()
                 raise  # refuse to start: the message names the fix (`pcbm db upgrade`)
-            except Exception as exc:  # unreachable: start anyway, /readyz says 503 until it is back
+            except Exception as exc:  # noqa: BLE001 - unreachable: start anyway, /readyz says 503 until it is back
                 log.warning("%s", exc)
         if settings.run_jobs:
             ctx.runner.start()

@@ -6,7 +6,6 @@ refuses to start on a database whose schema is not at this code's head revision.
 
 from __future__ import annotations
 
-
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -16,7 +15,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import DatabaseNotReady, SchemaNotAtHead
 from app.resources import MIGRATIONS_DIR
-
 
 
 def alembic_config(engine: Engine) -> Config:

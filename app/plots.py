@@ -155,7 +155,7 @@ def weight_bars(
     pad_left = 58 if lo < 0 else 4
     scale = _Scale(lo, hi, label_w + pad_left, width - 58)
     zero = scale(0.0)
-    for i, ((name, weight), label) in enumerate(zip(rows, labels)):
+    for i, ((name, weight), label) in enumerate(zip(rows, labels, strict=False)):
         y = top_y + i * row_h
         x0, x1 = sorted((zero, scale(weight)))
         if weight != 0:
@@ -195,10 +195,10 @@ _DIVERGING = ((-1.0, (192, 86, 33)), (-0.5, (246, 173, 85)), (0.0, (247, 250, 25
 def _diverging(t: float) -> str:
     """Colour for t in [-1, 1]: orange (negative), near-white (0), blue (positive)."""
     t = min(1.0, max(-1.0, t))
-    for (t0, c0), (t1, c1) in zip(_DIVERGING, _DIVERGING[1:]):
+    for (t0, c0), (t1, c1) in zip(_DIVERGING, _DIVERGING[1:], strict=False):
         if t <= t1:
             f = (t - t0) / (t1 - t0)
-            return "#" + "".join(f"{round(a + (b - a) * f):02x}" for a, b in zip(c0, c1))
+            return "#" + "".join(f"{round(a + (b - a) * f):02x}" for a, b in zip(c0, c1, strict=False))
     return "#2b6cb0"
 
 
@@ -313,7 +313,7 @@ def waterfall(
     scale = _Scale(min(0.0, *ends), max(0.0, *ends), label_w + 10, width - 62)
     colours = {"bias": BIAS, "pos": POSITIVE, "neg": NEGATIVE, "other": BIAS, "total": TOTAL}
     body = [_heading(f"Why {_clean(predicted)}?")]
-    for i, ((label, start, end, kind, concept), short) in enumerate(zip(bars, labels)):
+    for i, ((label, start, end, kind, concept), short) in enumerate(zip(bars, labels, strict=False)):
         y = top_y + i * row_h
         x0, x1 = sorted((scale(start), scale(end)))
         x1 = max(x1, x0 + 1)
@@ -351,14 +351,14 @@ def metric_lines(
     names = [_clean(k) for k in series]
     columns = [[None if v is None or not math.isfinite(float(v)) else float(v) for v in vals]
                for vals in series.values()]
-    for name, vals in zip(names, columns):
+    for name, vals in zip(names, columns, strict=False):
         if len(vals) != len(x_labels):
             raise ValueError(f"series {name!r} has {len(vals)} values for {len(x_labels)} versions")
     known = [v for vals in columns for v in vals if v is not None]
     low, high = min(known, default=0.0), max(known, default=1.0)
     pad = (high - low) * 0.05  # markers never sit on the frame
     ticks = _nice_ticks(low - pad, high + pad)
-    if percent and 0 <= min(known, default=0.0) and max(known, default=1.0) <= 1:
+    if percent and min(known, default=0.0) >= 0 and max(known, default=1.0) <= 1:
         ticks = [t for t in ticks if -1e-9 <= t <= 1 + 1e-9] or [0.0, 1.0]
     lo, hi = ticks[0], ticks[-1]
     legend_w = min(170.0, max((_text_width(_clip(n, 20), 11) for n in names), default=0) + 34)
@@ -380,7 +380,7 @@ def metric_lines(
         if i % step == 0 or i == len(x_labels) - 1:
             body.append(_text(x_of(i), bottom + 16, _clip(_clean(label), 10), text_anchor="middle",
                               fill=MUTED, font_size=10))
-    for s, (name, vals) in enumerate(zip(names, columns)):
+    for s, (name, vals) in enumerate(zip(names, columns, strict=False)):
         colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
         path, pen_down, markers = [], False, []
         for i, v in enumerate(vals):
@@ -432,7 +432,7 @@ def delta_bars(
     body = [_heading(title), _legend([(BEFORE, "before"), (POSITIVE, "after")], label_w, 34)]
     if not data:
         body.append(_text(width / 2, top_y + 16, "Nothing to compare", text_anchor="middle", fill=MUTED))
-    for i, ((name, before, after), label) in enumerate(zip(data, labels)):
+    for i, ((name, before, after), label) in enumerate(zip(data, labels, strict=False)):
         y = top_y + i * row_h
         change = after - before
         tone = sign_class(change)
@@ -577,7 +577,7 @@ def strip_plot(
         body.append(_el("g", _tip(f"{name}: {pct(value)}") + line + label, class_="reference", data_name=name))
     if not rows:
         body.append(_text(width / 2, top_y + 20, "No submissions yet", text_anchor="middle", fill=MUTED))
-    for i, ((name, values), label) in enumerate(zip(rows, labels)):
+    for i, ((name, values), label) in enumerate(zip(rows, labels, strict=False)):
         y = top_y + i * row_h + row_h / 2
         parts = [_text(label_w, y + 4, label, text_anchor="end")]
         for j, value in enumerate(sorted(values)):

@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _resolve(self) -> "Settings":
+    def _resolve(self) -> Settings:
         self.workspace = Path(self.workspace).expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.workspace / 'pcbm.db'}"

@@ -8,7 +8,7 @@ and escapes everything else.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from string import Formatter
 from typing import Any
@@ -17,7 +17,6 @@ from urllib.parse import quote, urlencode
 import jinja2
 
 from app.resources import TEMPLATE_DIR
-
 
 # One table of page URLs, shared by the templates (through the ``url`` global) and by the
 # page routes (``@router.get(PAGE_ROUTES["history"])``), so a link can never point at a
@@ -124,12 +123,12 @@ def ago(when: datetime | float | int | None, now: datetime | None = None) -> str
     if when is None:
         return "\u2014"
     if isinstance(when, (int, float)):
-        when = datetime.fromtimestamp(when, tz=timezone.utc)
+        when = datetime.fromtimestamp(when, tz=UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
+        now = now.replace(tzinfo=UTC)
     seconds = (now - when).total_seconds()
     future = seconds < 0
     seconds = abs(seconds)

@@ -31,7 +31,7 @@ class _Model:
     def copy(self):
         return _Model(self.head.copy(), self.bank.names, self.classes_)
 
-    def _check_fitted(self):
+    def check_fitted(self):
         return None
 
 

@@ -66,7 +66,7 @@ class ForkingServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(workspace).parent / "server.log"
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the zygote's lifetime
         self.zygote = subprocess.Popen(
             [sys.executable, "-m", "bench.crash_loop", "--zygote", str(self.sock.fileno())], cwd=ROOT,
             env=server_env(Path(workspace), env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -267,10 +267,10 @@ def check_database(workspace: Path, ledger: Ledger | None = None) -> list[str]:
             problems.append(f"model {model_id}: version numbers {numbers[:3]}...{numbers[-3:]} are not 1..N")
         if head_number != len(rows) or (rows and head_version_id != rows[-1][0]):
             problems.append(f"model {model_id}: head {head_number}/{head_version_id} is not version {len(rows)}")
-        for before, row in zip(rows, rows[1:]):
+        for before, row in zip(rows, rows[1:], strict=False):
             if row[3] != before[0]:
                 problems.append(f"model {model_id} v{row[2]}: parent is not v{before[2]}")
-        for version_id, _, number, _, weights_hash, key, _ in rows:
+        for _, _, number, _, weights_hash, key, _ in rows:
             hashes = recorded.pop((model_id, number), [])
             if hashes != [weights_hash]:
                 problems.append(f"model {model_id} v{number}: audit events {hashes}, expected one for {weights_hash[:12]}")
@@ -278,7 +278,7 @@ def check_database(workspace: Path, ledger: Ledger | None = None) -> list[str]:
                 store.get(key, expected_sha256=weights_hash)
             except PCBMError as exc:
                 problems.append(f"model {model_id} v{number}: artifact: {exc}")
-    for (model_id, number), hashes in recorded.items():
+    for model_id, number in recorded:
         problems.append(f"audit events for model {model_id} v{number}, which does not exist")
     messages = [r[6] for r in versions]
     repeated = {m for m in messages if messages.count(m) > 1 and m}

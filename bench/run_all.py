@@ -62,7 +62,7 @@ def run_all(quick: bool, modules: list[str] = MODULES) -> tuple[dict[str, Any], 
         start = time.perf_counter()
         try:
             result = module.run(quick)
-        except Exception:  # one broken benchmark must not lose the others' results
+        except Exception:  # noqa: BLE001 - one broken benchmark must not lose the others' results
             notes.append(f"{name}: failed\n{traceback.format_exc()}")
             continue
         for values in result.values():

@@ -23,9 +23,10 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # must precede the open_clip/huggingface_hub import
 
@@ -110,7 +111,7 @@ def parse_backbone_spec(spec: str) -> BackboneSpec:
     return BackboneSpec(name, pretrained or None)
 
 
-def load_backbone(spec: str | BackboneSpec, device: str | torch.device | None = None) -> "OpenClipBackbone":
+def load_backbone(spec: str | BackboneSpec, device: str | torch.device | None = None) -> OpenClipBackbone:
     """Build the backbone a spec names, on ``device`` (default: cuda if available, else cpu)."""
     parsed = spec if isinstance(spec, BackboneSpec) else parse_backbone_spec(spec)
     if parsed.model_name == LOCAL_DIR + str(DEMO_DIR) and not DEMO_DIR.is_dir():
@@ -352,7 +353,7 @@ def _vit_grid(visual, tokens: torch.Tensor) -> torch.Tensor:
 
 def _vit_blocks(visual, images: torch.Tensor, skip_last: bool) -> torch.Tensor:
     # _embeds (open_clip 3.x) = patchify + class token + positions + ln_pre, as in forward()
-    x = visual._embeds(images)
+    x = visual._embeds(images)  # noqa: SLF001 - open_clip has no public name for it
     blocks = visual.transformer.resblocks
     batch_first = getattr(visual.transformer, "batch_first", True)
     x = x if batch_first else x.transpose(0, 1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -97,10 +98,10 @@ def _accuracy_table(title: str, rows: dict[str, dict]) -> Table:
 def embed(
     dataset: Annotated[Path, typer.Argument(help="ImageFolder directory, or a CSV/Parquet manifest (path,label[,split][,group]).")],
     workspace: WorkspaceOpt,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone spec, e.g. 'demo' or 'open_clip:ViT-B-32@/models/vitb32.safetensors'. Defaults to the workspace's.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone spec, e.g. 'demo' or 'open_clip:ViT-B-32@/models/vitb32.safetensors'. Defaults to the workspace's.")] = None,
     name: Annotated[str, typer.Option(help="Name of the embedded dataset in the workspace.")] = "dataset",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding worker processes (default: automatic: none for a few batches, 1 beside a CPU backbone, up to 8 feeding a GPU).")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decoding worker processes (default: automatic: none for a few batches, 1 beside a CPU backbone, up to 8 feeding a GPU).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a labelled image dataset with a backbone (cached: nothing is embedded twice)."""
@@ -116,8 +117,8 @@ def concepts_text(
     phrases: Annotated[Path, typer.Argument(help="Text file, one concept phrase per line ('#' starts a comment).")],
     workspace: WorkspaceOpt,
     name: Annotated[str, typer.Option(help="Name of the concept bank.")] = "text",
-    template: Annotated[Optional[list[str]], typer.Option(help="Prompt template with '{}' (repeatable); averaged.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone spec; defaults to the workspace's.")] = None,
+    template: Annotated[list[str] | None, typer.Option(help="Prompt template with '{}' (repeatable); averaged.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone spec; defaults to the workspace's.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a concept bank from phrases encoded by the backbone's text tower."""
@@ -135,7 +136,7 @@ def concepts_examples(
     name: Annotated[str, typer.Option(help="Name of the concept bank.")] = "cav",
     c_grid: Annotated[str, typer.Option(help="Comma-separated SVM C values; the best per concept is chosen on held-out examples.")] = "0.001,0.01,0.1,1,10",
     seed: Annotated[int, typer.Option(help="Seed of the train/held-out split.")] = 0,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone spec; defaults to the workspace's.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone spec; defaults to the workspace's.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Learn concept activation vectors (linear SVMs, all concepts at once) from example images."""
@@ -159,11 +160,11 @@ def concepts_examples(
 @friendly_errors
 def train(
     workspace: WorkspaceOpt,
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
     bank: Annotated[str, typer.Option(help="Concept bank name.")] = "text",
     name: Annotated[str, typer.Option(help="Model name.")] = "pcbm",
     hybrid: Annotated[bool, typer.Option("--hybrid", help="Train PCBM-h (adds a residual on the raw embedding).")] = False,
-    lam: Annotated[Optional[float], typer.Option(help="Elastic-net strength; default: chosen on the validation split.")] = None,
+    lam: Annotated[float | None, typer.Option(help="Elastic-net strength; default: chosen on the validation split.")] = None,
     l1_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="L1 share of the elastic-net penalty.")] = 0.99,
     standardize: Annotated[bool, typer.Option(help="Standardise concept scores before the head.")] = True,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
@@ -185,7 +186,7 @@ def train(
 def evaluate(
     workspace: WorkspaceOpt,
     model: Annotated[str, typer.Option(help="Model name.")] = "pcbm",
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model on every split: accuracy, per class, per group, worst group."""
@@ -224,12 +225,12 @@ def explain(
 def edit(
     workspace: WorkspaceOpt,
     model: Annotated[str, typer.Option(help="Model to edit (never modified: the result is a new model).")] = "pcbm",
-    prune: Annotated[Optional[list[str]], typer.Option(help="Concept to prune (repeatable).")] = None,
-    scale: Annotated[Optional[list[str]], typer.Option(help="CONCEPT=FACTOR to scale a concept's weights (repeatable).")] = None,
-    class_name: Annotated[Optional[str], typer.Option("--class", help="Only edit this class's weights (default: all classes).")] = None,
+    prune: Annotated[list[str] | None, typer.Option(help="Concept to prune (repeatable).")] = None,
+    scale: Annotated[list[str] | None, typer.Option(help="CONCEPT=FACTOR to scale a concept's weights (repeatable).")] = None,
+    class_name: Annotated[str | None, typer.Option("--class", help="Only edit this class's weights (default: all classes).")] = None,
     normalize: Annotated[bool, typer.Option(help="After pruning, rescale the row so its L1 norm is unchanged.")] = False,
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset to preview the edit on (default: the workspace's only one).")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Name of the edited model (default: MODEL-edited).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Embedded dataset to preview the edit on (default: the workspace's only one).")] = None,
+    out: Annotated[str | None, typer.Option(help="Name of the edited model (default: MODEL-edited).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only preview; save nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -266,13 +267,13 @@ def metrics(
     workspace: WorkspaceOpt,
     model: Annotated[str, typer.Option(help="Model name.")] = "pcbm",
     split: Annotated[str, typer.Option(help="Split of the embedded dataset to measure on.")] = "test",
-    annotations: Annotated[Optional[Path], typer.Option(help="Annotation folder: attributes.csv, masks/, world.json (default: the dataset's folder).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Concept-map method, e.g. 'maskclip+softmax' (default: the architecture's).")] = None,
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Annotation folder: attributes.csv, masks/, world.json (default: the dataset's folder).")] = None,
+    method: Annotated[str | None, typer.Option(help="Concept-map method, e.g. 'maskclip+softmax' (default: the architecture's).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Embedded dataset name (default: the workspace's only one).")] = None,
     top_l: Annotated[int, typer.Option("--l", min=1, help="How many top concepts CEM@l and CLM@l look at.")] = 5,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of a map's pixels that counts as where it points (CLM).")] = 0.2,
     iou_threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Threshold on the min-max normalised map for mask IoU.")] = 0.5,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N images of the split.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images of the split.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
     as_json: JsonOpt = False,
 ) -> None:
@@ -319,12 +320,12 @@ def suggest(
     k: Annotated[int, typer.Option(min=1, help="greedy: at most this many prunes.")] = 5,
     metric: Annotated[str, typer.Option(help="greedy: accuracy, worst_group or balanced_accuracy.")] = "accuracy",
     per_class: Annotated[bool, typer.Option("--per-class", help="greedy: also try pruning one class's weight.")] = False,
-    split: Annotated[Optional[str], typer.Option(help="spurious: the split with group labels to rank on (default: every split pooled).")] = None,
+    split: Annotated[str | None, typer.Option(help="spurious: the split with group labels to rank on (default: every split pooled).")] = None,
     top: Annotated[int, typer.Option(min=1, help="spurious: propose pruning this many top-ranked concepts.")] = 5,
-    phrase: Annotated[Optional[str], typer.Option(help="concept: the phrase of the concept to add.")] = None,
+    phrase: Annotated[str | None, typer.Option(help="concept: the phrase of the concept to add.")] = None,
     seed: Annotated[int, typer.Option(help="tfti: seed of the shot sample.")] = 0,
     max_source_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="tfti: refuse edits that lower source-split accuracy by more than this (1 = no budget).")] = 0.015,
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedded dataset (default: the workspace's only one).")] = None,
+    embeddings: Annotated[str | None, typer.Option(help="Embedded dataset (default: the workspace's only one).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Suggest edits from data, each previewed on every split; nothing is saved."""

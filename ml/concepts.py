@@ -381,6 +381,7 @@ class _SmoPath:
         live = torch.arange(y.shape[0])
         offsets = torch.tensor([0, 1])
         step = 0
+        cf = vl = hh = ll = zero  # the live block's state, (re)loaded at step 0 and every _CHECK_EVERY steps
         while True:
             if step % _CHECK_EVERY == 0:
                 if step:

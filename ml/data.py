@@ -16,10 +16,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image, ImageOps
@@ -113,7 +112,7 @@ class ImageDataset:
     def groups(self) -> list[str]:
         return sorted({r.group for r in self.records if r.group is not None})
 
-    def split(self, name: str) -> "ImageDataset":
+    def split(self, name: str) -> ImageDataset:
         """The records of one split, with the same class order."""
         if name not in self.splits:
             raise DataError(f"no split {name!r} in {self.root}; splits: {', '.join(self.splits)}")

@@ -98,7 +98,7 @@ def apply_edits(model: PCBM | PCBMHybrid, edits: Iterable[Edit | dict], referenc
     ``restore`` copies weights back from ``reference`` (the original model).
     """
     base = model.pcbm if isinstance(model, PCBMHybrid) else model
-    base._check_fitted()
+    base.check_fitted()
     pcbm = base.copy()
     weight = pcbm.head.weight_  # a fresh clone owned by the copy
     records = []
@@ -158,7 +158,7 @@ def add_text_concept(model: PCBM | PCBMHybrid, backbone: Any, phrase: str, embed
     Returns the new model and a record of the added weights.
     """
     base = model.pcbm if isinstance(model, PCBMHybrid) else model
-    base._check_fitted()
+    base.check_fitted()
     new_bank = text_concept_bank(backbone, [phrase], templates)
     name = new_bank.names[0]
     if name in base.bank.names:

@@ -12,10 +12,10 @@ import queue
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class EmbeddedDataset:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def split(self, name: str) -> "EmbeddedDataset":
+    def split(self, name: str) -> EmbeddedDataset:
         """The rows of one split (same classes, same backbone)."""
         rows = [i for i, s in enumerate(self.splits) if s == name]
         if not rows:
@@ -70,7 +70,7 @@ class EmbeddedDataset:
         save_tensors(path, {"embeddings": self.embeddings.float(), "labels": self.labels.long()}, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EmbeddedDataset":
+    def load(cls, path: str | os.PathLike) -> EmbeddedDataset:
         tensors, meta = load_tensors(path)
         if meta.get("kind") != _KIND or not {"embeddings", "labels"} <= tensors.keys():
             raise DataError(f"{path} is not an embedded dataset")
@@ -156,7 +156,7 @@ def _collate(items):
 def _check_finite(embeddings: torch.Tensor, names: Sequence[str]) -> None:
     bad = ~torch.isfinite(embeddings).all(dim=1)
     if bad.any():
-        offenders = [name for name, b in zip(names, bad.tolist()) if b]
+        offenders = [name for name, b in zip(names, bad.tolist(), strict=False) if b]
         raise DataError(f"the backbone produced NaN/Inf embeddings for {len(offenders)} image(s), "
                         f"first: {offenders[0]}")
 
@@ -214,7 +214,7 @@ def _batches(n: int, batch_size: int, ramp: bool) -> list[list[int]]:
     decoded instead of waiting for a whole batch."""
     first = min(batch_size, max(16, batch_size // 4)) if ramp else batch_size
     starts = [0, *range(min(first, n), n, batch_size)] if n else []
-    return [list(range(a, min(b, n))) for a, b in zip(starts, [*starts[1:], n])]
+    return [list(range(a, min(b, n))) for a, b in zip(starts, [*starts[1:], n], strict=False)]
 
 
 def _hash_files(files: list[Path]) -> list[str]:
@@ -260,7 +260,7 @@ def embed_paths(backbone, paths: Sequence[str | os.PathLike], cache: EmbeddingCa
     files = [Path(p) for p in paths]
     hashes = _hash_files(files)  # reads bytes only; DataError names an unreadable file
     first_path: dict[str, Path] = {}
-    for h, f in zip(hashes, files):
+    for h, f in zip(hashes, files, strict=False):
         first_path.setdefault(h, f)  # identical bytes are decoded and embedded once
     counts = Counter(hashes)
     identity = backbone.identity
@@ -290,7 +290,7 @@ def embed_paths(backbone, paths: Sequence[str | os.PathLike], cache: EmbeddingCa
                 _check_finite(embeddings, [str(first_path[k]) for k in keys])
                 if writer is not None:
                     writer.put(keys, embeddings)
-                vectors.update(zip(keys, embeddings))
+                vectors.update(zip(keys, embeddings, strict=False))
                 done += sum(counts[k] for k in keys)
                 if progress is not None:
                     progress(done, total)
@@ -304,7 +304,7 @@ def embed_paths(backbone, paths: Sequence[str | os.PathLike], cache: EmbeddingCa
         progress(total, total)
     earlier = [h for h in first_path if h not in vectors]
     if earlier:
-        vectors.update(zip(earlier, cache.get(identity, earlier)))
+        vectors.update(zip(earlier, cache.get(identity, earlier), strict=False))
     if not hashes:
         return torch.empty(0, backbone.embed_dim)
     return torch.stack([vectors[h] for h in hashes]).float()

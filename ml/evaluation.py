@@ -182,6 +182,13 @@ class EvalCache:
             logits += bias - base_b
         return logits, cols.tolist()
 
+    def base_metrics(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """The cached model's report and predictions, computed once."""
+        if self._base_report is None or self._base_pred is None:
+            self._base_report = self.report(self.base_logits)
+            self._base_pred = self.base_logits.argmax(1)
+        return self._base_report, self._base_pred
+
     def report(self, logits: torch.Tensor) -> dict[str, Any]:
         """:func:`classification_report` of ``logits`` (or predictions) on this split."""
         return classification_report(logits, self.labels, self.groups, self.class_names, self.group_names or None)
@@ -202,10 +209,7 @@ def preview_edits(cache: EvalCache, base: Any, new: Any, max_flips: int = 100) -
     before_logits, _ = cache.logits_for(base)
     after_logits, _ = cache.logits_for(new)
     if before_logits is cache.base_logits:  # the usual case: reuse the cached model's metrics
-        if cache._base_report is None:
-            cache._base_report = cache.report(before_logits)
-            cache._base_pred = before_logits.argmax(1)
-        before, old_pred = cache._base_report, cache._base_pred
+        before, old_pred = cache.base_metrics()
     else:
         before, old_pred = cache.report(before_logits), before_logits.argmax(1)
     new_pred = after_logits.argmax(1)

@@ -103,7 +103,7 @@ def fista(features, labels, weight, bias, lam, l1_ratio, max_iter, tol):
     converged = False
     history: list[float] = []
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the iteration count returned
         probs, ce = _softmax_parts(y_logits, labels)
         f_y = ce + 0.5 * l2 * float((y_w * y_w).sum())
         resid = probs.sub_(onehot_t).div_(n)
@@ -177,11 +177,11 @@ class SparseLinearHead:
         if int(self.max_iter) < 1 or not self.tol > 0:
             raise ConfigError("max_iter must be >= 1 and tol > 0")
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not hasattr(self, "weight_"):
             raise NotFittedError("this head is not fitted yet; call fit(scores, labels) first")
 
-    def _check_scores(self, scores: Any, dim: int | None = None) -> torch.Tensor:
+    def check_scores(self, scores: Any, dim: int | None = None) -> torch.Tensor:
         if not isinstance(scores, torch.Tensor):
             raise DataError(f"concept scores must be a torch.Tensor, got {type(scores).__name__}")
         if scores.ndim != 2:
@@ -195,13 +195,13 @@ class SparseLinearHead:
 
     @property
     def n_concepts_(self) -> int:
-        self._check_fitted()
+        self.check_fitted()
         return int(self.weight_.shape[1])
 
     # -- fitting -----------------------------------------------------------------
     def fit(self, scores: torch.Tensor, labels: Any, n_classes: int | None = None) -> SparseLinearHead:
         self._check_params()
-        scores = self._check_scores(scores)
+        scores = self.check_scores(scores)
         if scores.shape[0] == 0:
             raise DataError("cannot fit a head on zero images")
         labels = check_labels(labels, scores.shape[0], n_classes)
@@ -241,8 +241,8 @@ class SparseLinearHead:
     # -- inference ---------------------------------------------------------------
     def transform(self, scores: torch.Tensor) -> torch.Tensor:
         """Standardised scores ``(scores - mean_) / scale_`` (identity when standardize=False)."""
-        self._check_fitted()
-        scores = self._check_scores(scores, self.n_concepts_)
+        self.check_fitted()
+        scores = self.check_scores(scores, self.n_concepts_)
         return (scores - self.mean_.to(scores.device)) / self.scale_.to(scores.device)
 
     def decision_function(self, scores: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ class SparseLinearHead:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and a JSON config from which :meth:`from_state` rebuilds this head."""
-        self._check_fitted()
+        self.check_fitted()
         tensors = {"weight": self.weight_, "bias": self.bias_, "mean": self.mean_, "scale": self.scale_}
         config = {"kind": _KIND, **self.get_params(), "n_classes": self.n_classes_, "n_iter": self.n_iter_,
                   "converged": self.converged_}
@@ -318,7 +318,7 @@ def select_lambda(train_scores: torch.Tensor, train_labels: Any, val_scores: tor
     """
     head = SparseLinearHead(**head_kwargs)
     head.warm_start = True
-    scores = head._check_scores(train_scores)
+    scores = head.check_scores(train_scores)
     labels = check_labels(train_labels, scores.shape[0], n_classes)
     n_classes = n_classes or int(labels.max()) + 1
     if lams is None:

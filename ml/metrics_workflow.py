@@ -232,7 +232,7 @@ def localise(backbone, bank, dataset_root: str | Path, image_ids: Sequence[str],
         for name, values in (("pointing", cm.pointing_game(flat_maps, flat_regions)),
                              ("located", cm.located(flat_maps, flat_regions, alpha, rule)),
                              ("iou", cm.mask_iou(flat_maps, flat_regions, iou_threshold)),
-                             *zip(("mass", "area"), cm.mass_in_mask(flat_maps, flat_regions))):
+                             *zip(("mass", "area"), cm.mass_in_mask(flat_maps, flat_regions), strict=False)):
             target = bools[name] if name in bools else floats[name]
             block = torch.zeros(len(ids) * c, dtype=target.dtype)
             block[scored] = values.to(target.dtype)

@@ -63,7 +63,7 @@ class PCBM:
             raise ConfigError(f"the head uses {self.head.weight_.shape[1]} concepts but the bank has {len(self.bank)}")
         self.classes_ = _class_names(class_names, self.head.n_classes_)
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not hasattr(self, "classes_"):
             raise NotFittedError("this PCBM is not fitted yet; call fit(embeddings, labels) first")
 
@@ -90,7 +90,7 @@ class PCBM:
         return self.bank.project(embeddings)
 
     def decision_function(self, embeddings: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
+        self.check_fitted()
         return self.head.decision_function(self.bank.project(embeddings))
 
     def predict(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class PCBM:
         Concepts whose weight for the class is zero contribute nothing and are left out, so
         ``logit == bias + sum(contributions)`` (up to rounding). ``top`` keeps the largest few.
         """
-        self._check_fitted()
+        self.check_fitted()
         features = self.head.transform(self.bank.project(embeddings))
         logits = features @ self.head.weight_.T + self.head.bias_
         if class_index is None:
@@ -140,8 +140,8 @@ class PCBM:
         return out
 
     # -- persistence -------------------------------------------------------------
-    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        self._check_fitted()
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.check_fitted()
         bank_tensors, bank_meta = self.bank.to_state("bank.")
         head_tensors, head_config = self.head.state_dict()
         tensors = {**bank_tensors, **{f"head.{k}": v for k, v in head_tensors.items()}}
@@ -151,13 +151,13 @@ class PCBM:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/model.safetensors`` atomically; returns its path."""
-        tensors, meta = self._state()
+        tensors, meta = self.to_state()
         path = _model_path(directory)
         save_tensors(path, tensors, meta)
         return path
 
     @classmethod
-    def _from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> PCBM:
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> PCBM:
         try:
             bank = ConceptBank.from_state(tensors, meta["bank"], prefix="bank.")
             head_tensors = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -211,7 +211,7 @@ class PCBMHybrid:
     def class_names(self) -> list[str] | None:
         return self.pcbm.class_names if self.pcbm.class_names is not None else getattr(self.pcbm, "classes_", None)
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not hasattr(self, "residual_weight_"):
             raise NotFittedError("this PCBM-h is not fitted yet; call fit(embeddings, labels) first")
 
@@ -245,7 +245,7 @@ class PCBMHybrid:
         return self.pcbm.concept_scores(embeddings)
 
     def residual_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
+        self.check_fitted()
         embeddings = check_embeddings(embeddings, self.bank.dim)
         dev = embeddings.device
         return embeddings @ self.residual_weight_.to(dev).T + self.residual_bias_.to(dev)
@@ -272,8 +272,8 @@ class PCBMHybrid:
         return parts
 
     def save(self, directory: str | os.PathLike) -> Path:
-        self._check_fitted()
-        tensors, meta = self.pcbm._state()
+        self.check_fitted()
+        tensors, meta = self.pcbm.to_state()
         tensors = {**tensors, "residual.weight": self.residual_weight_, "residual.bias": self.residual_bias_}
         meta = {**meta, "kind": "pcbm_hybrid", "hybrid": {k: getattr(self, k) for k in
                                                           ("lr", "epochs", "batch_size", "l2", "seed")}}
@@ -290,7 +290,7 @@ class PCBMHybrid:
 
     def copy(self, pcbm: PCBM | None = None) -> PCBMHybrid:
         """A copy with its own head (or the given ``pcbm``) and the same residual."""
-        self._check_fitted()
+        self.check_fitted()
         model = PCBMHybrid(pcbm if pcbm is not None else self.pcbm.copy(),
                            self.lr, self.epochs, self.batch_size, self.l2, self.seed)
         model.residual_weight_ = self.residual_weight_.clone()
@@ -304,7 +304,7 @@ def load_model(directory: str | os.PathLike) -> PCBM | PCBMHybrid:
     kind = meta.get("kind")
     if kind not in ("pcbm", "pcbm_hybrid"):
         raise DataError(f"{directory} is not a saved PCBM model (kind={kind!r})")
-    pcbm = PCBM._from_state(tensors, meta)
+    pcbm = PCBM.from_state(tensors, meta)
     if kind == "pcbm":
         return pcbm
     try:

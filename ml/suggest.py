@@ -448,7 +448,7 @@ def greedy_prunes(model: Any, cache: EvalCache, k: int = 5, metric: str = "accur
                     mask[b, row] = 1
             delta = (w[:, cols].T * mask)[:, None, :] * cache.features_t[cols][:, :, None]  # (B, N, K)
             values = _metric_values(logits[None] - delta, labels, group_onehot, class_onehot)
-            scores += list(zip(values[metric].tolist(), values["accuracy"].tolist(), values["ce"].tolist()))
+            scores += list(zip(values[metric].tolist(), values["accuracy"].tolist(), values["ce"].tolist(), strict=False))
         order = sorted(range(len(pool)), key=lambda b: (-scores[b][0], -scores[b][1], scores[b][2], b))
         best = order[0]
         if not (scores[best][0], scores[best][1]) > best_key:

@@ -8,8 +8,8 @@ target split with ``seed`` and the target split is also previewed without them
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch

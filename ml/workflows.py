@@ -9,8 +9,9 @@ registered only after they are complete.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -135,7 +136,7 @@ def cav_bank(
     bank.save(path)
     workspace.backbone = workspace.backbone or spec
     workspace.register("banks", name, path)
-    concepts = [{"name": n, **{k: v for k, v in info.items() if k in ("heldout_acc", "C", "near_chance")}} for n, info in zip(bank.names, bank.info)]
+    concepts = [{"name": n, **{k: v for k, v in info.items() if k in ("heldout_acc", "C", "near_chance")}} for n, info in zip(bank.names, bank.info, strict=False)]
     accs = [c["heldout_acc"] for c in concepts if c.get("heldout_acc") is not None]
     return {
         "name": name, "path": str(path), "n_concepts": len(bank.names), "concepts": concepts,
@@ -259,7 +260,7 @@ def explain_embedding(model, embedding: torch.Tensor, top: int = 10) -> dict:
     return {
         "predicted": model.class_names[predicted],
         "probability": float(probabilities[predicted]),
-        "probabilities": {c: float(p) for c, p in zip(model.class_names, probabilities)},
+        "probabilities": {c: float(p) for c, p in zip(model.class_names, probabilities, strict=False)},
         "contributions": explanation["contributions"],
         "bias": explanation.get("bias"),
     }

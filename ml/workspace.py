@@ -44,7 +44,7 @@ class Workspace:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, root: str | os.PathLike, create: bool = False) -> "Workspace":
+    def open(cls, root: str | os.PathLike, create: bool = False) -> Workspace:
         """Open the workspace at ``root``; with ``create``, make an empty one if absent."""
         path = Path(root).expanduser().resolve()
         manifest = path / MANIFEST

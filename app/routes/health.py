@@ -37,7 +37,7 @@ def readyz(ctx: ContextDep) -> ReadyPublic:
         reasons.append(exc.message)
     except DatabaseNotReady as exc:
         reasons.append(exc.message)
-    except Exception as exc:  # a ping can fail in many driver-specific ways
+    except Exception as exc:  # noqa: BLE001 - a ping can fail in many driver-specific ways
         reasons.append(f"database check failed: {type(exc).__name__}")
     if not checks["models"]:
         reasons.append(ctx.readiness.models_error or "models are still loading")

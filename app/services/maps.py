@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 MAX_MAPS = 64  # maps per request
 TOKEN_CACHE_BYTES = 128 * 1024 * 1024
 RETRY_FAILED_S = 60.0
-_SERVICES: "weakref.WeakKeyDictionary[ModelService, MapService]" = weakref.WeakKeyDictionary()
+_SERVICES: weakref.WeakKeyDictionary[ModelService, MapService] = weakref.WeakKeyDictionary()
 _SERVICES_LOCK = threading.Lock()
 
 
-def map_service(models: ModelService) -> "MapService":
+def map_service(models: ModelService) -> MapService:
     """The map service of a model service (one per process, created on first use)."""
     with _SERVICES_LOCK:
         found = _SERVICES.get(models)

@@ -2,8 +2,18 @@
 
 from pathlib import Path
 
-from ml.demo.world import (GROUPS, Concept, Split, WorldConfig, concept_vocabulary, default_config,
-                           generate_split, generate_world, pretrain_config, write_world)
+from ml.demo.world import (
+                           GROUPS,
+                           Concept,
+                           Split,
+                           WorldConfig,
+                           concept_vocabulary,
+                           default_config,
+                           generate_split,
+                           generate_world,
+                           pretrain_config,
+                           write_world,
+)
 from ml.demo.writer import sample_grid, world_metadata
 
 CHECKPOINT_DIR = Path(__file__).with_name("checkpoint")

@@ -33,8 +33,15 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from ml.demo.train_backbone import encode_with_dense, load_checkpoint, to_input
-from ml.demo.world import (POOL_SPLIT, SHIFTED_SPLIT, WorldConfig, concept_example_indices, concept_vocabulary,
-                           default_config, generate_split)
+from ml.demo.world import (
+    POOL_SPLIT,
+    SHIFTED_SPLIT,
+    WorldConfig,
+    concept_example_indices,
+    concept_vocabulary,
+    default_config,
+    generate_split,
+)
 
 HEAD_CS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 TARGETS = {"mean_auroc": 0.85, "prune_gain": 0.10, "prune_cost": 0.03, "pcbm_vs_probe": 0.90,
@@ -67,7 +74,7 @@ def sparse_head(train_x, train_y, val_x, val_y, seed: int = 0, cs=HEAD_CS):
     fits = [(C, _head(C, seed).fit(scaler.transform(train_x), train_y)) for C in cs]
     accs = [m.score(scaler.transform(val_x), val_y) for _, m in fits]
     pick = next(i for i, a in enumerate(accs) if a >= max(accs) - 0.01)
-    return scaler, fits[pick][1], fits[pick][0], dict(zip(cs, accs))
+    return scaler, fits[pick][1], fits[pick][0], dict(zip(cs, accs, strict=False))
 
 
 def pointing(tokens: np.ndarray, masks: np.ndarray, presence: np.ndarray, text: np.ndarray, is_obj: np.ndarray,

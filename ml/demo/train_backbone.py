@@ -78,12 +78,12 @@ def encode_with_dense(model: torch.nn.Module, images: torch.Tensor) -> tuple[tor
     Returns ``(features (N, d), tokens (N, h*w, d))``, both unnormalised.
     """
     visual = model.visual
-    x = visual._embeds(images)
+    x = visual._embeds(images)  # noqa: SLF001 - open_clip has no public name for it
     blocks = visual.transformer.resblocks
     for block in blocks[:-1]:
         x = block(x)
     last = blocks[-1]
-    pooled, _ = visual._pool(last(x))
+    pooled, _ = visual._pool(last(x))  # noqa: SLF001 - as above
     features = pooled @ visual.proj
     width = x.shape[-1]
     attn = last.attn
@@ -140,7 +140,7 @@ class CaptionBatcher:
             mentions[i] = [said[g] for g in GROUPS]
         missing = sorted({t for t in texts if t not in self.cache})
         if missing:
-            for t, tok in zip(missing, self.tokenizer(missing)):
+            for t, tok in zip(missing, self.tokenizer(missing), strict=False):
                 self.cache[t] = tok
         return torch.stack([self.cache[t] for t in texts]), mentions
 
@@ -196,7 +196,7 @@ def train(out_dir: str | Path, steps: int = 700, seed: int = 0, batch_size: int 
     concepts = concept_vocabulary(world)
     is_obj = torch.tensor([c.kind == "object" for c in concepts])
     bounds = np.cumsum([0] + [len(world.values(g)) for g in GROUPS])
-    group_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    group_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
     obj_target = presence * is_obj
     obj_target = obj_target / obj_target.sum(1, keepdim=True)
     bg_target = presence * ~is_obj
@@ -234,7 +234,7 @@ def train(out_dir: str | Path, steps: int = 700, seed: int = 0, batch_size: int 
         txt = model.encode_text(text)
         clip = contrastive_loss(feats, txt, model.logit_scale.exp(), fits)
         choice = [int(rng.integers(len(t))) for t in phrase_tokens]
-        concept_txt = model.encode_text(torch.stack([t[k] for t, k in zip(phrase_tokens, choice)]))
+        concept_txt = model.encode_text(torch.stack([t[k] for t, k in zip(phrase_tokens, choice, strict=False)]))
         dense = dense_loss(tokens, concept_txt, frac, obj_target[idx], bg_target[idx])
         group = group_loss(feats, concept_txt, torch.from_numpy(attrs), group_slices)
         loss = clip + dense_weight * dense + group_weight * group

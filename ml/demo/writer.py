@@ -28,8 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ml.demo.world import (GROUPS, POOL_SPLIT, SHIFTED_SPLIT, WORLD_VERSION, WorldConfig, concept_example_indices,
-                           concept_vocabulary, generate_split)
+from ml.demo.world import (
+    GROUPS,
+    POOL_SPLIT,
+    SHIFTED_SPLIT,
+    WORLD_VERSION,
+    WorldConfig,
+    concept_example_indices,
+    concept_vocabulary,
+    generate_split,
+)
 from ml.errors import DataError
 
 MARKER = ".complete"

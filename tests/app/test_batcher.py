@@ -268,8 +268,9 @@ def test_a_full_upload_queue_is_503_with_retry_after_at_once(client, ctx, ids, r
 
 
 def test_settings_reach_the_batcher(tmp_path, workspace):
-    from .conftest import make_settings
     from app.context import build_context
+
+    from .conftest import make_settings
 
     settings = make_settings(workspace, predict_batch_window_ms=12.5, predict_max_batch=7, predict_max_pending=9)
     ctx = build_context(settings)

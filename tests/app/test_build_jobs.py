@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from app.main import create_app
 from ml.backbone import load_backbone

@@ -2,7 +2,7 @@
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select, text
@@ -58,17 +58,14 @@ def test_read_then_write_transactions_wait_for_each_other_instead_of_failing(ctx
 
 
 def test_write_transactions_do_not_nest(db):
-    with write_transaction(db):
-        with pytest.raises(RuntimeError, match="nested"):
-            with write_transaction(db):
-                pass
+    with write_transaction(db), pytest.raises(RuntimeError, match="nested"), write_transaction(db):
+        pass
 
 
 def test_a_failed_block_rolls_back(db):
-    with pytest.raises(ValueError):
-        with write_transaction(db):
-            audit.record(db, "x", user=None, object_type="t", object_id=1)
-            raise ValueError("boom")
+    with pytest.raises(ValueError), write_transaction(db):
+        audit.record(db, "x", user=None, object_type="t", object_id=1)
+        raise ValueError("boom")
     assert audit.list_events(db, object_type="t") == []
 
 
@@ -83,5 +80,5 @@ def test_timestamps_come_back_timezone_aware(tmp_path):
         session.expire_all()
         created = session.get(User, user.id).created_at
     assert created.tzinfo is not None and created.utcoffset().total_seconds() == 0
-    assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 60
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 60
     engine.dispose()

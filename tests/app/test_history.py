@@ -5,7 +5,9 @@ from itertools import count
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select
 
 from app.context import build_context

@@ -79,9 +79,8 @@ def test_an_outdated_database_is_reported(engine):
 
 def test_the_server_refuses_to_start_on_an_unmigrated_database(tmp_path, empty_db_url):
     app = create_app(make_settings(tmp_path, database_url=empty_db_url))
-    with pytest.raises(SchemaNotAtHead, match="pcbm db upgrade"):
-        with TestClient(app):
-            pass
+    with pytest.raises(SchemaNotAtHead, match="pcbm db upgrade"), TestClient(app):
+        pass
 
 
 def test_alembic_autogenerate_sees_every_table(tmp_path):

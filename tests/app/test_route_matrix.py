@@ -271,7 +271,7 @@ def test_every_route_answers_each_role_as_expected(client, world):
     wrong = []
     for (method, template), (build, expected) in MATRIX.items():
         url, kwargs = build(ids)
-        for role, status in zip(ROLES, expected):
+        for role, status in zip(ROLES, expected, strict=False):
             got = client.request(method, url, headers=headers[role], **kwargs).status_code
             if got != status:
                 wrong.append(f"{method} {template} as {role}: {got}, expected {status}")
@@ -286,7 +286,7 @@ def test_study_routes_answer_participants_of_each_study_as_expected(client, worl
     for route, expected in STUDY_PARTICIPANT_STATUS.items():
         build, _ = MATRIX[route]
         url, kwargs = build(ids)
-        for who, status in zip(STUDY_PARTICIPANTS, expected):
+        for who, status in zip(STUDY_PARTICIPANTS, expected, strict=False):
             got = client.request(route[0], url, headers=headers[who], **kwargs).status_code
             if got != status:
                 wrong.append(f"{route[0]} {route[1]} as {who}: {got}, expected {status}")

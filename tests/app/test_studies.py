@@ -369,7 +369,7 @@ def finished(client, db, ctx, owner, model_id):
     found = open_study(db, owner, model_id)
     plans = {0: [prune("water")], 1: [prune("grass"), prune("water")], 2: [prune("striped", "cat")]}
     people = []
-    for i, plan in plans.items():
+    for plan in plans.values():
         participant, _, headers = join(db, ctx, owner, found.id)
         client.get(ME, headers=headers)
         client.get(f"{ME}/concepts", headers=headers, params={"class": "bird"})

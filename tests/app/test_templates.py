@@ -2,12 +2,11 @@
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from markupsafe import Markup
 
 from app import plots
 from app.resources import TEMPLATE_DIR
@@ -26,7 +25,7 @@ from app.templating import (
 )
 
 EVIL = "<script>alert(1)</script>"
-NOW = datetime(2025, 1, 31, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Server, chromium, login_link, new_page, open_database, pages_world, require_browser, \
-    serving
+from tests.e2e.harness import (
+    Server,
+    chromium,
+    login_link,
+    new_page,
+    open_database,
+    pages_world,
+    require_browser,
+    serving,
+)
 
 pytestmark = pytest.mark.browser
 sync_api = require_browser()

@@ -128,9 +128,9 @@ def test_explain_contributions_add_up_to_the_logit(workspace, setup):
     model = load_model(Workspace.open(ws).path_for("models", "pcbm"))
     k = model.class_names.index(explained["predicted"])
     total = explained["bias"] + sum(c["contribution"] for c in explained["contributions"])
+    from ml.backbone import load_backbone
     from ml.data import open_image
     from ml.embed import embed_images
-    from ml.backbone import load_backbone
 
     logits = model.decision_function(embed_images(load_backbone(setup["spec"]), [open_image(image)]))
     assert total == pytest.approx(float(logits[0, k]), abs=1e-4)

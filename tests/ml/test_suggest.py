@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from ml import suggest as sg
 from ml.cli import cli
 from ml.concepts import ConceptBank
-from ml.editing import Edit, add_text_concept, apply_edits
+from ml.editing import add_text_concept, apply_edits
 from ml.embed import EmbeddedDataset
 from ml.errors import ConfigError, DataError
 from ml.evaluation import EvalCache, classification_report, preview_edits

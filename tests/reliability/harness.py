@@ -126,7 +126,7 @@ class Server:
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the server process keeps it
         log.write(f"\n--- start {self.starts} ---\n".encode())
         log.flush()
         self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,

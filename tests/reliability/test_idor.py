@@ -149,8 +149,9 @@ def snapshot(db, ids: dict[str, Any]) -> dict[str, Any]:
 
 
 def _invitation_count(db, study_id: int) -> int | None:
-    import app.models_studies as tables
     from sqlalchemy import func, select
+
+    import app.models_studies as tables
 
     invitation = getattr(tables, "StudyInvitation", None)
     if invitation is None:

@@ -10,8 +10,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.deps import ContextDep, ResearcherUser, SessionDep
-from app.schemas import (DiffPublic, EditCommit, ErrorBody, JobPublic, ModelCreate, ModelPublic, RevertRequest,
-                         UndoRequest, VersionPublic)
+from app.schemas import (
+    DiffPublic,
+    EditCommit,
+    ErrorBody,
+    JobPublic,
+    ModelCreate,
+    ModelPublic,
+    RevertRequest,
+    UndoRequest,
+    VersionPublic,
+)
 from app.services import build_jobs, diffs, history, inspect
 
 router = APIRouter(prefix="/models", tags=["models"])

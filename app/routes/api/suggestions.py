@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import ContextDep, ResearcherUser
 from app.routes.api.inspect import _busy, _models

@@ -7,8 +7,21 @@ Every route here is a :class:`~app.routes.pages.common.PageRoute`: failures rend
 
 from fastapi import APIRouter
 
-from app.routes.pages import (auth, bank, build, edits, history, home, images, jobs, model, participate, studies, suggestions,
-                              upload)
+from app.routes.pages import (
+    auth,
+    bank,
+    build,
+    edits,
+    history,
+    home,
+    images,
+    jobs,
+    model,
+    participate,
+    studies,
+    suggestions,
+    upload,
+)
 from app.routes.pages.common import PageRoute
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
+from app.deps import ContextDep, SessionDep
 from app.routes.pages.common import PageRoute, PageUser, StaffUser, is_staff, redirect, render
 from app.routes.pages.views import model_header, split_order
-from app.deps import ContextDep, SessionDep
 from app.services import history, inspect
 from app.templating import PAGE_ROUTES, url
 

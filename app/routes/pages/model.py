@@ -94,7 +94,7 @@ def class_view(svc: Any, model: Model, selected: str | None, state: dict[str, st
     return {
         "classes": classes,
         "selected_class": chosen,
-        "weight_chart": plots.weight_bars(list(zip(matrix["concepts"], row)), f"Concept weights for {chosen}",
+        "weight_chart": plots.weight_bars(list(zip(matrix["concepts"], row, strict=False)), f"Concept weights for {chosen}",
                                           top=CHART_TOP, concept_href=concept_href),
         "heatmap_chart": plots.heatmap(classes, columns, [[w[i] for i in picked] for w in matrix["weights"]],
                                        "Weights of every class × concept", cell=_heatmap_cell(len(columns))),

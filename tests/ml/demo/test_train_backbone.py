@@ -10,8 +10,16 @@ from PIL import Image
 from safetensors import safe_open
 
 from ml.demo import CHECKPOINT_DIR, default_config, generate_split
-from ml.demo.train_backbone import (MODEL_CFG, TINY_MODEL_CFG, build_model, contrastive_loss, encode_with_dense,
-                                    load_checkpoint, to_input, train)
+from ml.demo.train_backbone import (
+    MODEL_CFG,
+    TINY_MODEL_CFG,
+    build_model,
+    contrastive_loss,
+    encode_with_dense,
+    load_checkpoint,
+    to_input,
+    train,
+)
 from ml.errors import ConfigError
 
 

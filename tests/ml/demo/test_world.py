@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.demo import (WorldConfig, concept_vocabulary, default_config, generate_split, pretrain_config, sample_grid,
-                     write_world)
+from ml.demo import (
+    WorldConfig,
+    concept_vocabulary,
+    default_config,
+    generate_split,
+    pretrain_config,
+    sample_grid,
+    write_world,
+)
 from ml.demo.captions import make_caption
 from ml.demo.world import POOL_SPLIT, SHIFTED_SPLIT
 from ml.errors import ConfigError, DataError
@@ -74,7 +81,7 @@ def test_correlation_holds_in_train_and_is_broken_in_test_shifted():
         split = generate_split(config, name)
         shapes = [config.shapes[i] for i in split.attributes[:, 0]]
         grounds = [config.backgrounds[i] for i in split.attributes[:, 4]]
-        paired = np.mean([config.pairing[s] == g for s, g in zip(shapes, grounds)])
+        paired = np.mean([config.pairing[s] == g for s, g in zip(shapes, grounds, strict=False)])
         assert low <= paired <= high, (name, paired)
         assert set(Counter(shapes).values()) == {len(shapes) // 4}  # classes balanced exactly
     shifted = generate_split(config, SHIFTED_SPLIT)
