@@ -15,6 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+import ml
 from app.context import AppContext, build_context
 from app.error_handlers import install_error_handlers
 from app.errors import SchemaNotAtHead
@@ -106,7 +107,7 @@ def create_app(
     app = FastAPI(
         title="PCBM Studio",
         summary="Post-hoc concept bottleneck models: inspect, edit and version interpretable image classifiers.",
-        version="0.1.0",
+        version=ml.__version__,
         lifespan=lifespan,
         docs_url=None,  # served below from vendored files, so /docs works offline
         redoc_url=None,
